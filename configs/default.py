@@ -1,0 +1,60 @@
+"""Every setting the trainers read, with defaults. Other configs start from this one."""
+
+import dataclasses
+
+import ml_collections
+
+from model import ModelConfig, preset
+
+
+def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
+  """A model preset as a ConfigDict holding every ModelConfig field, so any can be overridden."""
+  return ml_collections.ConfigDict({'preset': name, **dataclasses.asdict(preset(name, **overrides))})
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = model_config('tiny')
+
+  # Device mesh: sizes of the data / fsdp / tensor axes; -1 takes whatever devices remain.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000,
+      batch_size=32,         # global batch, in sequences (rows of seq_len tokens)
+      seq_len=256,
+      grad_accum_steps=1,    # microbatches per step; batch_size must divide evenly
+      z_loss=0.0,            # weight of the log(Z)^2 auxiliary loss (PaLM uses 1e-4)
+      seed=0,
+      log_every=10,
+      eval_every=200,        # 0: only at the end
+      eval_at_start=True,    # held-out loss before the first update
+      eval_max_batches=20,   # per evaluation, per host
+  ))
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      lr=3e-4, warmup_steps=100, decay_steps=0,  # decay_steps 0: decay until train.steps
+      min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0,
+  ))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
+
+  c.data = ml_collections.ConfigDict(dict(
+      format='jsonl',        # lines | files | jsonl | tfds | synthetic
+      train_files='',        # comma-separated paths or globs, local or gs://
+      eval_files='',
+      text_field='text',     # JSONL field / TFDS feature holding the text
+      tfds_name='',
+      tfds_data_dir='',
+      tfds_train_split='train',
+      tfds_eval_split='validation',
+      tokenizer='',          # SentencePiece .model
+      add_bos=True,
+      add_eos=True,
+      shuffle_buffer=1000,   # documents
+      seed=0,
+  ))
+
+  # Multi-process runs outside TPU VMs / SLURM: the coordinator's host:port, and this process's place.
+  c.distributed = ml_collections.ConfigDict(dict(coordinator_address='', num_processes=0, process_id=-1))
+  return c

@@ -1,0 +1,1 @@
+"""Input pipelines (tf.data). Only `data.tokenizer` is importable without TensorFlow."""

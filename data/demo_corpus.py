@@ -1,0 +1,91 @@
+"""Writes the demo corpus from text that ships with CPython, so the demo runs offline anywhere.
+
+Two sources of real English that no one here wrote: the documentation topics in `pydoc_data` (split
+into paragraph groups of ~1-2 KB) and the longer docstrings of the standard library, read with `ast`
+(nothing is imported). About 1.7 MB in all; the exact text depends on the Python version. A fixed
+share of documents, chosen by a hash of their name, is held out for evaluation.
+
+  python -m data.demo_corpus --out demo/data
+"""
+
+import ast
+import glob
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from typing import Iterator
+
+from absl import app, flags
+
+_OUT = flags.DEFINE_string('out', 'demo/data', 'Output folder for train.jsonl and eval.jsonl.')
+_EVAL_PERCENT = flags.DEFINE_integer('eval_percent', 5, 'Share of documents held out for evaluation.')
+
+MIN_DOCSTRING_CHARS = 200
+TOPIC_CHUNK_CHARS = 1000
+
+
+def pydoc_topics() -> Iterator[tuple[str, str]]:
+  from pydoc_data import topics  # pylint: disable=import-outside-toplevel
+  for name, text in sorted(topics.topics.items()):
+    chunk, part = [], 0
+    for paragraph in text.split('\n\n'):
+      chunk.append(paragraph)
+      if sum(map(len, chunk)) >= TOPIC_CHUNK_CHARS:
+        yield f'topic:{name}:{part}', '\n\n'.join(chunk).strip()
+        chunk, part = [], part + 1
+    if chunk and '\n\n'.join(chunk).strip():
+      yield f'topic:{name}:{part}', '\n\n'.join(chunk).strip()
+
+
+def stdlib_docstrings() -> Iterator[tuple[str, str]]:
+  root = sysconfig.get_paths()['stdlib']
+  for path in sorted(glob.glob(os.path.join(root, '**', '*.py'), recursive=True)):
+    rel = os.path.relpath(path, root)
+    if rel.startswith(('site-packages', 'test', 'idlelib')) or '/test' in rel:
+      continue
+    try:
+      with open(path, encoding='utf-8') as f:
+        tree = ast.parse(f.read())
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+      continue
+    for node in ast.walk(tree):
+      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        doc = ast.get_docstring(node)
+        if doc and len(doc) >= MIN_DOCSTRING_CHARS:
+          yield f'doc:{rel}:{getattr(node, "name", "")}:{getattr(node, "lineno", 0)}', doc
+
+
+def is_held_out(name: str, percent: int) -> bool:
+  return int(hashlib.sha256(name.encode()).hexdigest(), 16) % 100 < percent
+
+
+def write_corpus(out_dir: str, eval_percent: int = 5) -> dict[str, int]:
+  """Writes train.jsonl and eval.jsonl ({"title", "text"} per line); returns document counts."""
+  os.makedirs(out_dir, exist_ok=True)
+  counts = {'train': 0, 'eval': 0}
+  tmp = {split: os.path.join(out_dir, f'{split}.jsonl.tmp') for split in counts}
+  files = {split: open(path, 'w', encoding='utf-8') for split, path in tmp.items()}
+  try:
+    for source in (pydoc_topics(), stdlib_docstrings()):
+      for name, text in source:
+        split = 'eval' if is_held_out(name, eval_percent) else 'train'
+        files[split].write(json.dumps({'title': name, 'text': text}) + '\n')
+        counts[split] += 1
+  finally:
+    for f in files.values():
+      f.close()
+  for split, path in tmp.items():
+    os.replace(path, os.path.join(out_dir, f'{split}.jsonl'))
+  return counts
+
+
+def main(argv):
+  del argv
+  counts = write_corpus(_OUT.value, _EVAL_PERCENT.value)
+  print(f"Wrote {counts['train']} train and {counts['eval']} eval documents to {_OUT.value}/")
+
+
+if __name__ == '__main__':
+  sys.exit(app.run(main))

@@ -1,0 +1,109 @@
+"""Model hyperparameters: one frozen dataclass, plus the published shapes we ship."""
+
+import dataclasses
+from typing import Any, Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of a LLaMA-family decoder.
+
+  Field names follow the logical axes they size: `embed_dim` is the `embed` axis, `mlp_dim` the `mlp`
+  axis, and so on.
+  """
+  vocab_size: int = 32000
+  embed_dim: int = 4096
+  n_layers: int = 32
+  n_heads: int = 32
+  n_kv_heads: int = 32
+  head_dim: int = 128
+  mlp_dim: int = 11008
+  norm_eps: float = 1e-5
+  # Rotary embeddings. `rope_scaling_factor` > 0 turns on Llama-3.1 frequency scaling.
+  rope_theta: float = 10000.0
+  rope_scaling_factor: float = 0.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  # Longest sequence the model is meant to see; used to validate `seq_len`, not to size any weight.
+  max_seq_len: int = 4096
+  qkv_bias: bool = False
+  tie_embeddings: bool = False
+  init_std: float = 0.02
+  # Numerics: parameters are stored in `param_dtype`, matmuls run in `dtype`.
+  dtype: str = 'bfloat16'
+  param_dtype: str = 'float32'
+  # Compilation: scan over layers (constant compile time in depth) and what to rematerialise.
+  scan_layers: bool = True
+  remat_policy: str = 'none'
+  attention: str = 'xla'
+
+  def __post_init__(self):
+    errors = []
+    for name in ('vocab_size', 'embed_dim', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'mlp_dim',
+                 'max_seq_len'):
+      if getattr(self, name) <= 0:
+        errors.append(f'model.{name} must be positive, got {getattr(self, name)}')
+    if self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:
+      errors.append(f'model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads '
+                    f'({self.n_kv_heads}) for grouped-query attention')
+    if self.head_dim % 2:
+      errors.append(f'model.head_dim must be even for rotary embeddings, got {self.head_dim}')
+    for name in ('dtype', 'param_dtype'):
+      if getattr(self, name) not in DTYPES:
+        errors.append(f'model.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}')
+    if self.remat_policy not in REMAT_POLICIES:
+      errors.append(f'model.remat_policy must be one of {list(REMAT_POLICIES)}, got {self.remat_policy!r}')
+    if self.attention not in ATTENTION_IMPLS:
+      errors.append(f'model.attention must be one of {list(ATTENTION_IMPLS)}, got {self.attention!r}')
+    if errors:
+      raise ValueError('Invalid model config:\n  ' + '\n  '.join(errors))
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> 'ModelConfig':
+    """Builds a config from a mapping (e.g. an ml_collections ConfigDict), rejecting unknown keys."""
+    values = dict(values)
+    values.pop('preset', None)  # informational: which preset the values came from
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f'Unknown model config key(s) {unknown}; expected a subset of {sorted(known)}')
+    return cls(**values)
+
+  @property
+  def heads_per_kv_head(self) -> int:
+    return self.n_heads // self.n_kv_heads
+
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+# Names of rematerialisation policies; model/transformer.py maps them to jax.checkpoint policies.
+REMAT_POLICIES = ('none', 'save_dots', 'save_attn', 'full')
+ATTENTION_IMPLS = ('xla',)
+
+
+# Published shapes. Parameter counts are checked in tests/test_model.py.
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU-sized, for tests and the demo.
+    'tiny': dict(vocab_size=2048, embed_dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
+                 mlp_dim=384, max_seq_len=1024, dtype='float32'),
+    'llama2_7b': dict(vocab_size=32000, embed_dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                      head_dim=128, mlp_dim=11008, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096),
+    'llama3_8b': dict(vocab_size=128256, embed_dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                      head_dim=128, mlp_dim=14336, norm_eps=1e-5, rope_theta=500000.0,
+                      max_seq_len=8192),
+    # Llama 3.1 8B: same weights' shapes as 3.0, with rope scaling for 128k context.
+    'llama3_1_8b': dict(vocab_size=128256, embed_dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                        head_dim=128, mlp_dim=14336, norm_eps=1e-5, rope_theta=500000.0,
+                        rope_scaling_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                        rope_original_max_len=8192, max_seq_len=131072),
+    # Mistral 7B v0.2/v0.3 style: full attention (no sliding window), rope theta 1e6.
+    'mistral_7b': dict(vocab_size=32000, embed_dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                       head_dim=128, mlp_dim=14336, norm_eps=1e-5, rope_theta=1000000.0,
+                       max_seq_len=32768),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+  if name not in PRESETS:
+    raise ValueError(f'Unknown model preset {name!r}; known: {sorted(PRESETS)}')
+  return ModelConfig(**{**PRESETS[name], **overrides})

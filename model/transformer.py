@@ -1,0 +1,198 @@
+"""The LLaMA-family decoder as a Flax linen module.
+
+Einsum subscripts name dimensions: B batch, T query length, S key length, D embed, N query heads,
+K key/value heads, G query heads per key/value head, H head dim, F mlp hidden, V vocab, L layers.
+Every parameter is created with logical axis names (see train/sharding.py for how they map to a mesh),
+and activations are constrained to logical axes at block boundaries.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from model import attention as attention_lib
+from model.config import ModelConfig
+
+
+def _param(module, name, shape, axes, init, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(dtype))
+
+
+def _constrain(x, axes):
+  return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: str
+  param_dtype: str
+
+  @nn.compact
+  def __call__(self, x):
+    scale = _param(self, 'scale', (x.shape[-1],), ('norm',), nn.initializers.ones, self.param_dtype)
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    return (x * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
+  """Rotary inverse frequencies [H/2], with Llama-3.1 scaling when `rope_scaling_factor` > 0."""
+  exponents = np.arange(0, cfg.head_dim, 2, dtype=np.float32) / cfg.head_dim
+  inv_freq = (1.0 / (cfg.rope_theta ** exponents)).astype(np.float32)
+  if cfg.rope_scaling_factor > 0:
+    # Long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated.
+    factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_len = cfg.rope_original_max_len
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    inv_freq = np.where(is_medium, smoothed, scaled).astype(np.float32)
+  return inv_freq
+
+
+def apply_rope(x, positions, inv_freq):
+  """Rotates [B, T, N, H] by position, "rotate half" layout (the Hugging Face convention)."""
+  angles = positions.astype(jnp.float32)[:, :, None] * jnp.asarray(inv_freq)[None, None, :]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, segment_ids, positions):
+    cfg = self.config
+    d, n, k, h = cfg.embed_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    dtype, init = jnp.dtype(cfg.dtype), nn.initializers.normal(cfg.init_std)
+    wq = _param(self, 'q_proj', (d, n, h), ('embed', 'heads', 'head_dim'), init, cfg.param_dtype)
+    wk = _param(self, 'k_proj', (d, k, h), ('embed', 'kv_heads', 'head_dim'), init, cfg.param_dtype)
+    wv = _param(self, 'v_proj', (d, k, h), ('embed', 'kv_heads', 'head_dim'), init, cfg.param_dtype)
+    wo = _param(self, 'o_proj', (n, h, d), ('heads', 'head_dim', 'embed'), init, cfg.param_dtype)
+
+    q = jnp.einsum('BTD,DNH->BTNH', x, wq.astype(dtype))
+    k_ = jnp.einsum('BTD,DKH->BTKH', x, wk.astype(dtype))
+    v = jnp.einsum('BTD,DKH->BTKH', x, wv.astype(dtype))
+    if cfg.qkv_bias:
+      zeros = nn.initializers.zeros
+      q = q + _param(self, 'q_bias', (n, h), ('heads', 'head_dim'), zeros, cfg.param_dtype).astype(dtype)
+      k_ = k_ + _param(self, 'k_bias', (k, h), ('kv_heads', 'head_dim'), zeros, cfg.param_dtype).astype(dtype)
+      v = v + _param(self, 'v_bias', (k, h), ('kv_heads', 'head_dim'), zeros, cfg.param_dtype).astype(dtype)
+    q = _constrain(checkpoint_name(q, 'query_proj'), ('batch', 'length', 'act_heads', 'head_dim'))
+    k_ = _constrain(checkpoint_name(k_, 'key_proj'), ('batch', 'length', 'act_kv_heads', 'head_dim'))
+    v = _constrain(checkpoint_name(v, 'value_proj'), ('batch', 'length', 'act_kv_heads', 'head_dim'))
+
+    inv_freq = rope_inverse_frequencies(cfg)
+    q, k_ = apply_rope(q, positions, inv_freq), apply_rope(k_, positions, inv_freq)
+    out = attention_lib.get(cfg.attention)(q, k_, v, segment_ids, segment_ids)
+    out = _constrain(checkpoint_name(out, 'attention_out'), ('batch', 'length', 'act_heads', 'head_dim'))
+    return jnp.einsum('BTNH,NHD->BTD', out, wo.astype(dtype))
+
+
+class Mlp(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    dtype, init = jnp.dtype(cfg.dtype), nn.initializers.normal(cfg.init_std)
+    d, f = cfg.embed_dim, cfg.mlp_dim
+    w_gate = _param(self, 'gate_proj', (d, f), ('embed', 'mlp'), init, cfg.param_dtype)
+    w_up = _param(self, 'up_proj', (d, f), ('embed', 'mlp'), init, cfg.param_dtype)
+    w_down = _param(self, 'down_proj', (f, d), ('mlp', 'embed'), init, cfg.param_dtype)
+    gate = jnp.einsum('BTD,DF->BTF', x, w_gate.astype(dtype))
+    up = jnp.einsum('BTD,DF->BTF', x, w_up.astype(dtype))
+    hidden = _constrain(checkpoint_name(nn.silu(gate) * up, 'mlp_hidden'), ('batch', 'length', 'act_mlp'))
+    return jnp.einsum('BTF,FD->BTD', hidden, w_down.astype(dtype))
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block. Returns (x, None) so that it can be the body of `nn.scan`."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, segment_ids, positions):
+    cfg = self.config
+    norm = functools.partial(RMSNorm, cfg.norm_eps, cfg.dtype, cfg.param_dtype)
+    x = _constrain(x, ('batch', 'length', 'act_embed'))
+    x = x + Attention(cfg, name='attn')(norm(name='attn_norm')(x), segment_ids, positions)
+    x = x + Mlp(cfg, name='mlp')(norm(name='mlp_norm')(x))
+    return _constrain(x, ('batch', 'length', 'act_embed')), None
+
+
+REMAT_POLICIES = {
+    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'save_attn': jax.checkpoint_policies.save_only_these_names(
+        'query_proj', 'key_proj', 'value_proj', 'attention_out'),
+    'full': jax.checkpoint_policies.nothing_saveable,
+}
+
+
+class Transformer(nn.Module):
+  """tokens [B, T] (+ segment_ids, positions for packed rows) -> logits [B, T, V] in float32."""
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    init = nn.initializers.normal(cfg.init_std)
+    self.token_embed = self.param(
+        'token_embed', nn.with_logical_partitioning(init, ('vocab', 'embed')),
+        (cfg.vocab_size, cfg.embed_dim), jnp.dtype(cfg.param_dtype))
+    if not cfg.tie_embeddings:
+      self.unembed = self.param(
+          'unembed', nn.with_logical_partitioning(init, ('embed', 'vocab')),
+          (cfg.embed_dim, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
+    layer = DecoderLayer
+    if cfg.remat_policy != 'none':
+      # Inside a scan, XLA cannot CSE across iterations, so the CSE barrier is only needed unrolled.
+      layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      self.layers = nn.scan(
+          layer, variable_axes={'params': 0}, split_rngs={'params': True},
+          in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+          metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, name='layers')
+    else:
+      self.layers = [layer(cfg, name=f'layers_{i}') for i in range(cfg.n_layers)]
+    self.final_norm = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype)
+
+  def __call__(self, tokens, segment_ids=None, positions=None):
+    return self.logits(self.hidden_states(tokens, segment_ids, positions))
+
+  def hidden_states(self, tokens, segment_ids=None, positions=None):
+    """Final-norm outputs [B, T, D]: everything but the unembedding."""
+    cfg = self.config
+    if segment_ids is None:
+      segment_ids = jnp.ones_like(tokens)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    # Gather from a table whose embed axis is whole on every device (as FSDP gathers any weight before
+    # use): gathering from an embed-sharded table leaves XLA no cheap way to a batch-sharded result.
+    table = _constrain(self.token_embed, ('vocab', None))
+    x = jnp.take(table, tokens, axis=0).astype(cfg.dtype)
+    x = _constrain(x, ('batch', 'length', 'act_embed'))
+    if cfg.scan_layers:
+      x, _ = self.layers(x, segment_ids, positions)
+    else:
+      for layer in self.layers:
+        x, _ = layer(x, segment_ids, positions)
+    return self.final_norm(x)
+
+  def logits(self, hidden):
+    """Unembeds [..., D] hidden states into float32 logits [..., V]."""
+    dtype = jnp.dtype(self.config.dtype)
+    if self.config.tie_embeddings:
+      w = self.token_embed.astype(dtype)
+      logits = jnp.einsum('BTD,VD->BTV', hidden, w, preferred_element_type=jnp.float32)
+    else:
+      w = self.unembed.astype(dtype)
+      logits = jnp.einsum('BTD,DV->BTV', hidden, w, preferred_element_type=jnp.float32)
+    return _constrain(logits, ('batch', 'length', 'act_vocab'))

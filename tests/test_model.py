@@ -1,0 +1,121 @@
+"""The decoder: published sizes, causality, packed-segment isolation, scan/remat equivalence, rope."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import ModelConfig, Transformer, preset
+from model.transformer import rope_inverse_frequencies
+from train.state import count_params
+
+SMALL = dict(vocab_size=256, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+             mlp_dim=128, dtype='float32', max_seq_len=128)
+
+
+class _Jitted:
+  """A model whose apply is jitted (eager op-by-op dispatch is slow on CPU)."""
+
+  def __init__(self, model):
+    self.apply = jax.jit(model.apply)
+
+
+def _init(cfg, seq=16):
+  model = Transformer(cfg)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, seq), jnp.int32))['params']
+  params = jax.tree.map(lambda x: x.value if hasattr(x, 'value') else x, params,
+                        is_leaf=lambda x: hasattr(x, 'value'))
+  return _Jitted(model), params
+
+
+@pytest.mark.parametrize('name,expected', [
+    ('llama2_7b', 6_738_415_616),
+    ('llama3_8b', 8_030_261_248),
+    ('mistral_7b', 7_241_732_096),
+])
+def test_published_parameter_counts(name, expected):
+  assert count_params(preset(name)) == expected
+  assert count_params(preset(name, scan_layers=False)) == expected
+
+
+def test_config_rejects_bad_values():
+  with pytest.raises(ValueError, match='n_heads .* multiple of model.n_kv_heads'):
+    ModelConfig(**{**SMALL, 'n_kv_heads': 3})
+  with pytest.raises(ValueError, match='Unknown model config key'):
+    ModelConfig.from_dict({**SMALL, 'n_layer': 2})
+  with pytest.raises(ValueError, match='remat_policy'):
+    ModelConfig(**{**SMALL, 'remat_policy': 'some'})
+
+
+def test_causality():
+  model, params = _init(ModelConfig(**SMALL))
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 256)
+  changed = tokens.at[:, 10].set((tokens[:, 10] + 7) % 256)
+  a = model.apply({'params': params}, tokens)
+  b = model.apply({'params': params}, changed)
+  np.testing.assert_allclose(a[:, :10], b[:, :10], atol=1e-6)
+  assert np.abs(a[:, 10:] - b[:, 10:]).max() > 1e-3  # the change is visible from position 10 on
+
+
+def test_packed_segments_do_not_see_each_other():
+  model, params = _init(ModelConfig(**SMALL))
+  rng = np.random.default_rng(0)
+  first, second = rng.integers(0, 256, 9), rng.integers(0, 256, 7)
+  packed = np.concatenate([first, second])[None]
+  segment_ids = np.array([[1] * 9 + [2] * 7])
+  positions = np.array([list(range(9)) + list(range(7))])
+  out = model.apply({'params': params}, packed, segment_ids, positions)
+  alone_first = model.apply({'params': params}, first[None])
+  alone_second = model.apply({'params': params}, second[None])
+  np.testing.assert_allclose(out[0, :9], alone_first[0], atol=1e-5)
+  np.testing.assert_allclose(out[0, 9:], alone_second[0], atol=1e-5)
+  # Without segment ids the second document would see the first: the test can tell the difference.
+  unmasked = model.apply({'params': params}, packed, np.ones_like(segment_ids), positions)
+  assert np.abs(unmasked[0, 9:] - alone_second[0]).max() > 1e-3
+
+
+def test_scan_and_unrolled_layers_agree():
+  cfg = ModelConfig(**SMALL)
+  scanned, params = _init(cfg)
+  unrolled = _Jitted(Transformer(ModelConfig(**{**SMALL, 'scan_layers': False})))
+  layer_params = {f'layers_{i}': jax.tree.map(lambda x, i=i: x[i], params['layers'])
+                  for i in range(cfg.n_layers)}
+  unrolled_params = {**{k: v for k, v in params.items() if k != 'layers'}, **layer_params}
+  tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 256)
+  np.testing.assert_allclose(scanned.apply({'params': params}, tokens),
+                             unrolled.apply({'params': unrolled_params}, tokens), atol=1e-5)
+
+
+def test_remat_policies_keep_gradients():
+  tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, 256)
+  _, params = _init(ModelConfig(**SMALL))
+
+  def grads(policy):
+    model = Transformer(ModelConfig(**{**SMALL, 'remat_policy': policy}))
+    loss = lambda p: jnp.mean(model.apply({'params': p}, tokens) ** 2)
+    return jax.jit(jax.grad(loss))(params)
+
+  base = grads('none')
+  for policy in ('save_dots', 'save_attn', 'full'):
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(grads(policy))):
+      np.testing.assert_allclose(a, b, atol=1e-6, err_msg=policy)
+
+
+def test_tied_embeddings_and_qkv_bias_change_the_parameter_tree():
+  _, tied = _init(ModelConfig(**{**SMALL, 'tie_embeddings': True, 'qkv_bias': True}))
+  assert 'unembed' not in tied
+  assert set(tied['layers']['attn']) == {'q_proj', 'k_proj', 'v_proj', 'o_proj',
+                                         'q_bias', 'k_bias', 'v_bias'}
+
+
+def test_llama3_rope_scaling():
+  base = rope_inverse_frequencies(preset('llama3_8b'))
+  scaled = rope_inverse_frequencies(preset('llama3_1_8b'))
+  wavelen = 2 * np.pi / base
+  high = wavelen < 8192 / 4   # short wavelengths: unchanged
+  low = wavelen > 8192 / 1    # long wavelengths: slowed down by the factor
+  mid = ~high & ~low
+  assert high.any() and low.any() and mid.any()
+  np.testing.assert_allclose(scaled[high], base[high], rtol=1e-6)
+  np.testing.assert_allclose(scaled[low], base[low] / 8, rtol=1e-6)
+  assert np.all(scaled[mid] < base[mid]) and np.all(scaled[mid] > base[mid] / 8)

@@ -1,0 +1,108 @@
+"""The one train step, shared by pretraining and instruction tuning, and its eval counterpart.
+
+A batch is a dict of [B, T] arrays: `inputs`, `targets`, `segment_ids`, `positions`, `loss_weights`.
+The step does not know where the batch came from: pretraining and instruction tuning differ only in
+which targets carry loss weight. The loss is sum(weights * cross-entropy) / sum(weights).
+"""
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from model import Transformer
+from train import sharding as sharding_lib
+from train.state import TrainState
+
+BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_weights')
+
+
+def loss_sums(model: Transformer, params, batch) -> dict[str, jax.Array]:
+  """Batch sums of weighted cross-entropy, weighted squared log-partition (z-loss), and weights.
+
+  Sums rather than means so that microbatches and eval batches add up exactly.
+  """
+  logits = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'])
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logits = jnp.take_along_axis(logits, batch['targets'][..., None], axis=-1)[..., 0]
+  weights = batch['loss_weights'].astype(jnp.float32)
+  return {
+      'ce': jnp.sum((log_z - target_logits) * weights),
+      'z': jnp.sum(jnp.square(log_z) * weights),
+      'weight': jnp.sum(weights),
+  }
+
+
+def split_microbatches(batch, num_microbatches: int):
+  """[B, ...] -> [A, B/A, ...] where microbatch i takes rows i, i+A, i+2A, ...
+
+  Strided rather than contiguous, so each microbatch stays spread over every data-parallel shard.
+  """
+  def split(x):
+    b = x.shape[0]
+    x = x.reshape((b // num_microbatches, num_microbatches) + x.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(x, (None,) + sharding_lib.BATCH_AXES)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(model: Transformer, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    *, grad_accum_steps: int = 1, z_loss: float = 0.0) -> Callable:
+  """Returns the pure `train_step(state, batch) -> (state, metrics)`."""
+
+  def objective(params, batch):
+    sums = loss_sums(model, params, batch)
+    return sums['ce'] + z_loss * sums['z'], sums
+
+  grad_fn = jax.grad(objective, has_aux=True)
+
+  def accumulated_grads(params, batch):
+    if grad_accum_steps == 1:
+      return grad_fn(params, batch)
+
+    def add_microbatch(acc, microbatch):
+      grads, sums = grad_fn(params, microbatch)
+      return jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, (grads, sums)), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zero_sums = {k: jnp.zeros((), jnp.float32) for k in ('ce', 'z', 'weight')}
+    (grads, sums), _ = jax.lax.scan(add_microbatch, (zeros, zero_sums),
+                                    split_microbatches(batch, grad_accum_steps))
+    return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), sums
+
+  def train_step(state: TrainState, batch) -> tuple[TrainState, dict[str, Any]]:
+    grads, sums = accumulated_grads(state.params, batch)
+    total_weight = jnp.maximum(sums['weight'], 1.0)
+    grads = jax.tree.map(lambda g: g / total_weight.astype(g.dtype), grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        'loss': sums['ce'] / total_weight,
+        'z_loss': sums['z'] / total_weight,
+        'grad_norm': optax.tree.norm(grads),
+        'learning_rate': schedule(state.step),
+        'tokens': sums['weight'],
+    }
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(model: Transformer) -> Callable:
+  """`eval_step(params, batch) -> sums`; callers add sums over batches, then divide."""
+  return lambda params, batch: loss_sums(model, params, batch)
+
+
+def jit_train_step(train_step, state_shardings, mesh, rules=sharding_lib.LOGICAL_AXIS_RULES):
+  """Jits the step over `mesh`: state keeps its sharding and is donated; metrics are replicated."""
+  return jax.jit(sharding_lib.with_logical_rules(train_step, mesh, rules),
+                 in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh, rules)),
+                 out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
+                 donate_argnums=(0,))
+
+
+def jit_eval_step(eval_step, params_shardings, mesh, rules=sharding_lib.LOGICAL_AXIS_RULES):
+  return jax.jit(sharding_lib.with_logical_rules(eval_step, mesh, rules),
+                 in_shardings=(params_shardings, sharding_lib.batch_sharding(mesh, rules)),
+                 out_shardings=sharding_lib.replicated(mesh))

@@ -1,0 +1,64 @@
+"""Checks a config against the model, the devices and the tokenizer before anything is computed.
+
+Every problem found is reported at once, each naming the config key and what was expected.
+"""
+
+from typing import Any
+
+from model import ModelConfig
+from train import sharding as sharding_lib
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def check(config: Any, model: ModelConfig, num_devices: int, tokenizer_vocab: int | None = None):
+  errors = []
+  train, opt, mesh = config.train, config.optimizer, config.mesh
+
+  for key in ('steps', 'batch_size', 'seq_len', 'grad_accum_steps', 'log_every'):
+    if train[key] <= 0:
+      errors.append(f'train.{key} must be positive, got {train[key]}')
+  for key in ('eval_every', 'eval_max_batches'):
+    if train[key] < 0:
+      errors.append(f'train.{key} must be >= 0, got {train[key]}')
+  if config.checkpoint.every_steps <= 0 or config.checkpoint.keep <= 0:
+    errors.append(f'checkpoint.every_steps and checkpoint.keep must be positive, got '
+                  f'{config.checkpoint.every_steps} and {config.checkpoint.keep}')
+  if opt.lr < 0 or opt.warmup_steps < 0 or opt.decay_steps < 0:
+    errors.append(f'optimizer.lr, warmup_steps and decay_steps must be >= 0, got '
+                  f'{opt.lr}, {opt.warmup_steps}, {opt.decay_steps}')
+  if not 0 <= opt.min_lr_ratio <= 1:
+    errors.append(f'optimizer.min_lr_ratio must be in [0, 1], got {opt.min_lr_ratio}')
+
+  try:
+    data, fsdp, tensor = sharding_lib.mesh_shape(mesh, num_devices)
+  except ValueError as e:
+    errors.append(str(e))
+    data = fsdp = tensor = None
+
+  if data is not None and train.batch_size > 0 and train.grad_accum_steps > 0:
+    shards = data * fsdp
+    if train.batch_size % train.grad_accum_steps:
+      errors.append(f'train.batch_size ({train.batch_size}) must be divisible by '
+                    f'train.grad_accum_steps ({train.grad_accum_steps})')
+    elif (train.batch_size // train.grad_accum_steps) % shards:
+      errors.append(f'each microbatch (train.batch_size / train.grad_accum_steps = '
+                    f'{train.batch_size // train.grad_accum_steps}) must be divisible by the '
+                    f'{shards} batch shards (mesh.data * mesh.fsdp = {data} * {fsdp})')
+  if tensor:
+    for key in ('n_heads', 'n_kv_heads', 'mlp_dim', 'vocab_size'):
+      if getattr(model, key) % tensor:
+        errors.append(f'model.{key} ({getattr(model, key)}) must be divisible by the tensor-parallel '
+                      f'axis (mesh.tensor = {tensor})')
+
+  if train.seq_len > model.max_seq_len:
+    errors.append(f'train.seq_len ({train.seq_len}) exceeds model.max_seq_len ({model.max_seq_len}), '
+                  'the longest sequence the rope settings are meant for; raise model.max_seq_len '
+                  '(and rope scaling) deliberately if you mean it')
+  if tokenizer_vocab is not None and tokenizer_vocab > model.vocab_size:
+    errors.append(f'the tokenizer has {tokenizer_vocab} tokens but model.vocab_size is '
+                  f'{model.vocab_size}; token ids would fall outside the embedding table')
+  if errors:
+    raise ConfigError('Invalid config:\n  ' + '\n  '.join(errors))
