@@ -66,7 +66,10 @@ def apply_rope(x, positions, inv_freq):
 
 
 class Attention(nn.Module):
+  """Grouped-query self-attention. With `decode`, keys and values are appended to a cache
+  (collection 'cache') and queries attend to everything cached so far."""
   config: ModelConfig
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x, segment_ids, positions):
@@ -92,9 +95,34 @@ class Attention(nn.Module):
 
     inv_freq = rope_inverse_frequencies(cfg)
     q, k_ = apply_rope(q, positions, inv_freq), apply_rope(k_, positions, inv_freq)
-    out = attention_lib.get(cfg.attention)(q, k_, v, segment_ids, segment_ids)
+    if self.decode:
+      q_offset, k_, v, kv_segment_ids = self._update_cache(k_, v, segment_ids)
+      out = attention_lib.xla_attention(q, k_, v, segment_ids, kv_segment_ids, q_offset)
+    else:
+      out = attention_lib.get(cfg.attention)(q, k_, v, segment_ids, segment_ids)
     out = _constrain(checkpoint_name(out, 'attention_out'), ('batch', 'length', 'act_heads', 'head_dim'))
     return jnp.einsum('BTNH,NHD->BTD', out, wo.astype(dtype))
+
+  def _update_cache(self, k, v, segment_ids):
+    """Writes this call's keys/values at the cache index; returns the whole cache.
+
+    The cache is sized by the first call (see model/generate.py: `init_cache`). Empty slots carry
+    segment id 0, so real tokens never attend to them.
+    """
+    b, t = segment_ids.shape
+    cached_k = self.variable('cache', 'key', jnp.zeros, k.shape, k.dtype)
+    cached_v = self.variable('cache', 'value', jnp.zeros, v.shape, v.dtype)
+    cached_segments = self.variable('cache', 'segment_ids', jnp.zeros, segment_ids.shape, jnp.int32)
+    index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+    if self.is_initializing():
+      return 0, k, v, segment_ids
+    i = index.value
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, i, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, i, 0, 0))
+    cached_segments.value = jax.lax.dynamic_update_slice(
+        cached_segments.value, segment_ids.astype(jnp.int32), (0, i))
+    index.value = i + t
+    return i, cached_k.value, cached_v.value, cached_segments.value
 
 
 class Mlp(nn.Module):
@@ -118,13 +146,15 @@ class Mlp(nn.Module):
 class DecoderLayer(nn.Module):
   """Pre-norm block. Returns (x, None) so that it can be the body of `nn.scan`."""
   config: ModelConfig
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x, segment_ids, positions):
     cfg = self.config
     norm = functools.partial(RMSNorm, cfg.norm_eps, cfg.dtype, cfg.param_dtype)
     x = _constrain(x, ('batch', 'length', 'act_embed'))
-    x = x + Attention(cfg, name='attn')(norm(name='attn_norm')(x), segment_ids, positions)
+    attn = Attention(cfg, self.decode, name='attn')
+    x = x + attn(norm(name='attn_norm')(x), segment_ids, positions)
     x = x + Mlp(cfg, name='mlp')(norm(name='mlp_norm')(x))
     return _constrain(x, ('batch', 'length', 'act_embed')), None
 
@@ -138,8 +168,12 @@ REMAT_POLICIES = {
 
 
 class Transformer(nn.Module):
-  """tokens [B, T] (+ segment_ids, positions for packed rows) -> logits [B, T, V] in float32."""
+  """tokens [B, T] (+ segment_ids, positions for packed rows) -> logits [B, T, V] in float32.
+
+  With `decode=True` the same parameters run incrementally over a key/value cache (generation).
+  """
   config: ModelConfig
+  decode: bool = False
 
   def setup(self):
     cfg = self.config
@@ -152,16 +186,16 @@ class Transformer(nn.Module):
           'unembed', nn.with_logical_partitioning(init, ('embed', 'vocab')),
           (cfg.embed_dim, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
     layer = DecoderLayer
-    if cfg.remat_policy != 'none':
+    if cfg.remat_policy != 'none' and not self.decode:
       # Inside a scan, XLA cannot CSE across iterations, so the CSE barrier is only needed unrolled.
       layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       self.layers = nn.scan(
-          layer, variable_axes={'params': 0}, split_rngs={'params': True},
+          layer, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True},
           in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
-          metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, name='layers')
+          metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, self.decode, name='layers')
     else:
-      self.layers = [layer(cfg, name=f'layers_{i}') for i in range(cfg.n_layers)]
+      self.layers = [layer(cfg, self.decode, name=f'layers_{i}') for i in range(cfg.n_layers)]
     self.final_norm = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype)
 
   def __call__(self, tokens, segment_ids=None, positions=None):

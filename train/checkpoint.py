@@ -1,16 +1,20 @@
 """Checkpoints: the train state plus each host's input-pipeline position, saved together by orbax.
 
-Layout under `directory`: one folder per step (`<step>/state`, `<step>/data`). Orbax writes a step to a
-temporary folder and renames it only when every host has finished, so an interrupted save never looks
-like a checkpoint.
+Layout under `directory`: one folder per step: `<step>/state` (step, params, optimizer state),
+`<step>/data` (one blob per host) and `<step>/model_config` (the ModelConfig as JSON, so that a step
+folder alone is enough to rebuild the model). Orbax writes a step to a temporary folder and renames it
+only when every host has finished, so an interrupted save never looks like a checkpoint.
 """
 
 import dataclasses
+import json
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from model import ModelConfig
 
 
 class DataStateHandler(ocp.CheckpointHandler):
@@ -52,8 +56,10 @@ class Checkpointer:
   The caller decides when to save; orbax's own interval logic would also save the first step.
   """
 
-  def __init__(self, directory: str, keep: int, async_save: bool = True):
+  def __init__(self, directory: str, keep: int, async_save: bool = True,
+               model_config: ModelConfig | None = None):
     self.directory = epath.Path(directory)
+    self._model_config = model_config
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -68,6 +74,8 @@ class Checkpointer:
     items = {'state': ocp.args.StandardSave(state)}
     if data_state is not None:
       items['data'] = DataStateSave(data_state)
+    if self._model_config is not None:
+      items['model_config'] = ocp.args.JsonSave(dataclasses.asdict(self._model_config))
     return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, bytes | None]:
@@ -79,17 +87,60 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored['state'], (restored['data'] if has_data else None)
 
-  def restore_params(self, step: int, abstract_params: Any) -> Any:
-    """Restores only the parameters (e.g. to start fine-tuning from a pretraining run)."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            item={'params': abstract_params},
-            restore_args={'params': ocp.checkpoint_utils.construct_restore_args(abstract_params)},
-            partial_restore=True)))
-    return restored['state']['params']
-
   def wait(self):
     self._manager.wait_until_finished()
 
   def close(self):
     self._manager.close()
+
+
+def resolve_step_dir(path: str) -> epath.Path:
+  """A step folder from a workdir (its latest step), a checkpoints folder, or a step folder itself."""
+  p = epath.Path(path)
+  if (p / 'state').exists():
+    return p
+  for root in (p / 'checkpoints', p):
+    if root.exists():
+      steps = sorted(int(c.name) for c in root.iterdir() if c.name.isdigit() and (c / 'state').exists())
+      if steps:
+        return root / str(steps[-1])
+  raise FileNotFoundError(f'No checkpoint at {path}: expected a workdir, its checkpoints/ folder, or '
+                          'a step folder holding state/')
+
+
+def load_model_config(path: str) -> ModelConfig:
+  """The ModelConfig stored with a checkpoint (see module docstring)."""
+  step_dir = resolve_step_dir(path)
+  meta = step_dir / 'model_config' / 'metadata'
+  if not meta.exists():
+    raise FileNotFoundError(f'{step_dir} holds no model_config; it was not written by this project')
+  return ModelConfig.from_dict(json.loads(meta.read_text()))
+
+
+def load_params(path: str, abstract_params: Any) -> Any:
+  """Restores only the parameters of a checkpoint onto the shapes and shardings of `abstract_params`.
+
+  Raises a ValueError naming the first parameter whose shape differs, before reading any weights.
+  """
+  state_dir = resolve_step_dir(path) / 'state'
+  checkpointer = ocp.PyTreeCheckpointer()
+  saved = checkpointer.metadata(state_dir).item_metadata.tree['params']
+  _check_same_shapes(saved, abstract_params, str(state_dir))
+  restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+      item={'params': abstract_params},
+      restore_args={'params': ocp.checkpoint_utils.construct_restore_args(abstract_params)},
+      partial_restore=True))
+  return restored['params']
+
+
+def _check_same_shapes(saved: Any, expected: Any, where: str):
+  saved_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(saved)}
+  for key, want in jax.tree_util.tree_leaves_with_path(expected):
+    name = jax.tree_util.keystr(key)
+    if name not in saved_flat:
+      raise ValueError(f'{where}: parameter {name} is missing from the checkpoint '
+                       f'(it has {len(saved_flat)} parameters, e.g. {sorted(saved_flat)[:3]})')
+    have = tuple(saved_flat[name].shape)
+    if have != tuple(want.shape):
+      raise ValueError(f'{where}: parameter {name} has shape {have} in the checkpoint but the model '
+                       f'expects {tuple(want.shape)}; check the model config against the checkpoint')

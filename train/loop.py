@@ -141,7 +141,7 @@ def train(config: Any, workdir: str, data: DataSource,
       f.write(config.to_json_best_effort(indent=2))
   writer = metrics_lib.MetricWriter(workdir, enabled=primary)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint.keep,
-                                     config.checkpoint.async_save)
+                                     config.checkpoint.async_save, run.model_config)
 
   shard_index, shard_count, local_batch = sharding_lib.data_shard(run.batch_sharding, tcfg.batch_size)
   train_iter = data.train_iterator(shard_index, shard_count, local_batch)

@@ -1,0 +1,197 @@
+"""Text generation with a key/value cache, and `python -m model.generate` to talk to a checkpoint.
+
+Prompts of different lengths share a batch: they are left-padded (segment id 0 marks padding, so no
+token attends to it) and positions count from each prompt's first real token. One jitted call runs the
+prefill and then a `lax.while_loop` of single-token steps, each costing one position, not a pass.
+
+  python -m model.generate --ckpt runs/sft --tokenizer demo/tokenizer.model \\
+      --prompt "What is a generator?" --chat-template llama2 --max-new-tokens 64
+"""
+
+import argparse
+import dataclasses
+import functools
+import time
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import ModelConfig
+from model.transformer import Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  max_new_tokens: int = 128
+  temperature: float = 0.0  # 0 means greedy
+  top_k: int = 0            # 0 means no top-k filter
+  top_p: float = 1.0        # 1 means no nucleus filter
+  seed: int = 0
+
+
+def sample_logits(logits, rng, temperature: float, top_k: int, top_p: float):
+  """logits [B, V] -> token ids [B]. Greedy when temperature is 0."""
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # Keep the smallest set whose probability reaches top_p (always at least the best token).
+    cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16):
+  """Prompts -> tokens, segment_ids, positions [B, P], P rounded up to limit recompilation."""
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError('Every prompt must have at least one token')
+  length = -(-max(len(p) for p in prompts) // multiple) * multiple
+  tokens = np.full((len(prompts), length), pad_id, np.int32)
+  segments = np.zeros((len(prompts), length), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, length - len(p):] = p
+    segments[i, length - len(p):] = 1
+  positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
+  return tokens, segments, positions
+
+
+class Generator:
+  """Generates continuations with fixed parameters. Compiles once per (batch, prompt bucket, length)."""
+
+  def __init__(self, model_config: ModelConfig, params, mesh=None, rules=None):
+    self.config = model_config
+    self.params = params
+    self.model = Transformer(model_config, decode=True)
+    self._mesh, self._rules = mesh, rules
+
+  def _cache(self, batch: int, length: int):
+    shapes = jax.eval_shape(
+        lambda: self.model.init(jax.random.key(0), jnp.zeros((batch, length), jnp.int32)))['cache']
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  @functools.partial(jax.jit, static_argnums=(0, 5, 6))
+  def _generate(self, params, tokens, segments, positions, sampling: SamplingConfig,
+                stop_ids: tuple[int, ...], rng):
+    batch, prompt_len = tokens.shape
+    steps = sampling.max_new_tokens
+    cache = self._cache(batch, prompt_len + steps)
+    apply = lambda cache, t, s, p: self.model.apply({'params': params, 'cache': cache}, t, s, p,
+                                                    mutable=['cache'])
+    logits, variables = apply(cache, tokens, segments, positions)
+    stops = jnp.asarray(stop_ids, jnp.int32)
+
+    def cond(carry):
+      i, _, _, _, _, _, done = carry
+      return (i < steps) & ~jnp.all(done)
+
+    def body(carry):
+      i, cache, last_logits, position, rng, out, done = carry
+      rng, step_rng = jax.random.split(rng)
+      token = sample_logits(last_logits, step_rng, sampling.temperature, sampling.top_k,
+                            sampling.top_p)
+      token = jnp.where(done, stops[0], token)
+      out = out.at[:, i].set(token)
+      done = done | jnp.isin(token, stops)
+      ones = jnp.ones((batch, 1), jnp.int32)
+      logits, variables = apply(cache, token[:, None], ones, position[:, None])
+      return i + 1, variables['cache'], logits[:, -1], position + 1, rng, out, done
+
+    init = (jnp.zeros((), jnp.int32), variables['cache'], logits[:, -1], positions[:, -1] + 1, rng,
+            jnp.full((batch, steps), stops[0], jnp.int32), jnp.zeros((batch,), bool))
+    steps_taken, *_, out, _ = jax.lax.while_loop(cond, body, init)
+    return out, steps_taken
+
+  def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+               stop_ids: Sequence[int], pad_id: int = 0) -> list[list[int]]:
+    """New tokens for each prompt, up to (not including) the first stop token."""
+    if not stop_ids:
+      raise ValueError('Give at least one stop token id (e.g. the tokenizer EOS)')
+    tokens, segments, positions = left_pad(prompts, pad_id)
+    if tokens.shape[1] + sampling.max_new_tokens > self.config.max_seq_len:
+      raise ValueError(f'prompt ({tokens.shape[1]} padded) + max_new_tokens '
+                       f'({sampling.max_new_tokens}) exceeds model.max_seq_len ({self.config.max_seq_len})')
+    args = (self.params, tokens, segments, positions, sampling, tuple(int(i) for i in stop_ids),
+            jax.random.key(sampling.seed))
+    if self._mesh is not None:
+      with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules):
+        out, _ = self._generate(*args)
+    else:
+      out, _ = self._generate(*args)
+    out = np.asarray(out)
+    results = []
+    for row in out:
+      stop_at = [j for j, t in enumerate(row) if t in set(stop_ids)]
+      results.append(row[:stop_at[0]].tolist() if stop_at else row.tolist())
+    return results
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--ckpt', required=True, help='Workdir, checkpoints folder or step folder.')
+  parser.add_argument('--tokenizer', required=True, help='SentencePiece .model or HF tokenizer.json.')
+  parser.add_argument('--prompt', action='append', required=True,
+                      help='A prompt; repeat the flag for a batch.')
+  parser.add_argument('--chat-template', '--chat_template', dest='chat_template', default='',
+                      help='Render each prompt as a user turn of this chat template.')
+  parser.add_argument('--system', default='', help='System message (with --chat-template).')
+  parser.add_argument('--max-new-tokens', '--max_new_tokens', dest='max_new_tokens', type=int,
+                      default=128)
+  parser.add_argument('--temperature', type=float, default=0.0)
+  parser.add_argument('--top-k', '--top_k', dest='top_k', type=int, default=0)
+  parser.add_argument('--top-p', '--top_p', dest='top_p', type=float, default=1.0)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--mesh', default='', help='data,fsdp,tensor sizes to shard over (e.g. 1,-1,1).')
+  args = parser.parse_args(argv)
+
+  # Entry point: free to use the trainer's checkpoint and sharding helpers.
+  from data import chat  # pylint: disable=import-outside-toplevel
+  from data.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+  from train import checkpoint, sharding  # pylint: disable=import-outside-toplevel
+
+  model_config = checkpoint.load_model_config(args.ckpt)
+  tokenizer = load_tokenizer(args.tokenizer)
+  if tokenizer.vocab_size > model_config.vocab_size:
+    parser.error(f'tokenizer has {tokenizer.vocab_size} tokens, model only {model_config.vocab_size}')
+  mesh = None
+  abstract = jax.eval_shape(lambda: Transformer(model_config).init(
+      jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))['params']
+  if args.mesh:
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, map(int, args.mesh.split(',')))))
+    shardings = sharding.logical_to_sharding(nn.get_partition_spec(abstract), mesh)
+  else:
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.meta.unbox(abstract), shardings)
+  params = checkpoint.load_params(args.ckpt, abstract)
+
+  if args.chat_template:
+    template = chat.get_template(args.chat_template)
+    prompts = [template.prompt_ids(tokenizer, chat.conversation(p, args.system)) for p in args.prompt]
+    stop_ids = template.stop_ids(tokenizer)
+  else:
+    prompts = [[tokenizer.bos_id] + tokenizer.encode(p) for p in args.prompt]
+    stop_ids = [tokenizer.eos_id]
+  generator = Generator(model_config, params, mesh, sharding.LOGICAL_AXIS_RULES)
+  sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+  generator.generate(prompts[:1], sampling, stop_ids, tokenizer.pad_id)  # compile
+  start = time.perf_counter()
+  outputs = generator.generate(prompts, sampling, stop_ids, tokenizer.pad_id)
+  elapsed = time.perf_counter() - start
+  for prompt, out in zip(args.prompt, outputs):
+    print(f'>>> {prompt}\n{tokenizer.decode(out)}\n')
+  n_tokens = sum(len(o) for o in outputs)
+  print(f'{n_tokens} new tokens in {elapsed:.2f} s: {n_tokens / max(elapsed, 1e-9):.1f} tokens/s '
+        f'(batch {len(prompts)})')
+
+
+if __name__ == '__main__':
+  main()
