@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs requirements.txt into it. Sourced by the other scripts.
+# Creates .venv (if missing) and installs the given requirement files into it (default:
+# requirements.txt). Used by demo.sh and test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -7,4 +8,6 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -r requirements.txt
+args=()
+for f in "${@:-requirements.txt}"; do args+=(-r "$f"); done
+.venv/bin/python -m pip install -q "${args[@]}"
