@@ -1,6 +1,8 @@
 """Tokenizers behind one small interface, and `python -m data.tokenizer` to train a SentencePiece model.
 
-This module imports no TensorFlow: model/generate.py and the SFT templates use it too.
+Two kinds: SentencePiece `.model` files (Llama 2, Mistral) and Hugging Face `tokenizer.json` files
+(Llama 3, Qwen) through the `tokenizers` package; `load_tokenizer` picks by file type. This module
+imports no TensorFlow (except to read gs:// paths): model/generate.py and the SFT templates use it too.
 """
 
 import os
@@ -18,6 +20,8 @@ class Tokenizer:
   bos_id: int
   eos_id: int
   pad_id: int
+  # Whether the model expects BOS before a plain-text prompt (Qwen's tokenizers add none).
+  add_bos: bool = True
 
   def encode(self, text: str) -> list[int]:
     return self.encode_batch([text])[0]
@@ -59,6 +63,80 @@ class SentencePieceTokenizer(Tokenizer):
     return None if i == self._sp.unk_id() and piece != self._sp.id_to_piece(i) else i
 
 
+class HuggingFaceTokenizer(Tokenizer):
+  """A Hugging Face `tokenizer.json` (Llama 3, Qwen, Mistral's fast tokenizer) via the `tokenizers` package.
+
+  BOS/EOS/PAD come from `tokenizer_config.json` or `special_tokens_map.json` beside the file when they
+  name them, else from well-known token names (`WELL_KNOWN`). Text is encoded without special tokens:
+  templates and pipelines add BOS/EOS themselves.
+  """
+  WELL_KNOWN = {
+      'bos': ('<|begin_of_text|>', '<s>', '<bos>', '<|startoftext|>'),
+      'eos': ('<|end_of_text|>', '</s>', '<|endoftext|>', '<eos>'),
+      'pad': ('<|finetune_right_pad_id|>', '<pad>', '<|pad|>'),
+  }
+
+  def __init__(self, path: str):
+    import tokenizers  # pylint: disable=import-outside-toplevel
+    self.path = path
+    with _open(path) as f:
+      self._tok = tokenizers.Tokenizer.from_str(f.read().decode('utf-8'))
+    vocab = self._tok.get_vocab(with_added_tokens=True)
+    self.vocab_size = max(vocab.values()) + 1
+    declared = _declared_special_tokens(os.path.dirname(path))
+    ids = {}
+    for kind in ('bos', 'eos', 'pad'):
+      if kind in declared:  # named by tokenizer_config.json (None: it says there is none)
+        name = declared[kind]
+        if name is not None and self.token_id(name) is None:
+          raise ValueError(f'{path}: tokenizer_config.json names {kind}_token {name!r}, which is not a '
+                           'single token of this tokenizer')
+      else:
+        name = next((t for t in self.WELL_KNOWN[kind] if self.token_id(t) is not None), None)
+      ids[kind] = None if name is None else self.token_id(name)
+    if ids['eos'] is None:
+      raise ValueError(f'{path}: cannot tell the EOS token: no tokenizer_config.json eos_token beside it, '
+                       f'and none of {self.WELL_KNOWN["eos"]} is in the vocabulary')
+    if ids['bos'] is None:
+      # Qwen and GPT-2 style tokenizers have no BOS (tokenizer_config.json: "bos_token": null) and start
+      # documents with the end-of-text token, as their config.json bos_token_id does.
+      if 'bos' not in declared:
+        raise ValueError(f'{path}: cannot tell the BOS token: no tokenizer_config.json bos_token beside it, '
+                         f'and none of {self.WELL_KNOWN["bos"]} is in the vocabulary')
+      ids['bos'] = ids['eos']
+    self.bos_id, self.eos_id = ids['bos'], ids['eos']
+    # The tokenizer's own post-processor says whether it starts a text with BOS (Llama 3: yes).
+    self.add_bos = ids['bos'] != ids['eos'] and self._tok.encode('a').ids[:1] == [self.bos_id]
+    # Any id works for padding (it carries zero loss weight and is masked out of attention).
+    self.pad_id = ids['pad'] if ids['pad'] is not None else self.eos_id
+
+  def encode_batch(self, texts):
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids):
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def token_id(self, piece):
+    return self._tok.token_to_id(piece)
+
+
+def _declared_special_tokens(folder: str) -> dict[str, str | None]:
+  """{'bos': ..., 'eos': ..., 'pad': ...} as named by tokenizer_config.json / special_tokens_map.json."""
+  import json  # pylint: disable=import-outside-toplevel
+  found = {}
+  for name in ('special_tokens_map.json', 'tokenizer_config.json'):  # the second wins
+    path = os.path.join(folder, name)
+    if folder.startswith('gs://') or not os.path.exists(path):
+      continue
+    with open(path, encoding='utf-8') as f:
+      config = json.load(f)
+    for kind in ('bos', 'eos', 'pad'):
+      if f'{kind}_token' in config:
+        value = config[f'{kind}_token']
+        found[kind] = value.get('content') if isinstance(value, dict) else value
+  return found
+
+
 def _open(path: str):
   if path.startswith('gs://'):
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -67,12 +145,33 @@ def _open(path: str):
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-  """Loads a SentencePiece `.model` file (local or gs://)."""
+  """Loads a tokenizer by file type: a SentencePiece `.model` file, or a Hugging Face `tokenizer.json`
+  (or a folder holding one of them; tokenizer.json wins). Local or gs:// (files only)."""
   if not path:
-    raise ValueError('No tokenizer given: set config.data.tokenizer to a SentencePiece .model file')
-  if not path.startswith('gs://') and not os.path.exists(path):
-    raise FileNotFoundError(f'Tokenizer file not found: {path}')
-  return SentencePieceTokenizer(path)
+    raise ValueError('No tokenizer given: set config.data.tokenizer to a SentencePiece .model file, a '
+                     'Hugging Face tokenizer.json, or a folder holding one')
+  if not path.startswith('gs://'):
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'Tokenizer file not found: {path}')
+    if os.path.isdir(path):
+      for name in ('tokenizer.json', 'tokenizer.model'):
+        if os.path.isfile(os.path.join(path, name)):
+          return load_tokenizer(os.path.join(path, name))
+      raise FileNotFoundError(f'{path} holds neither tokenizer.json nor tokenizer.model')
+  if path.endswith('.json'):
+    return HuggingFaceTokenizer(path)
+  if path.endswith('.model'):
+    return SentencePieceTokenizer(path)
+  raise ValueError(f'{path}: expected a SentencePiece .model file or a Hugging Face tokenizer.json')
+
+
+def check_vocab(tokenizer: Tokenizer, model_vocab_size: int):
+  """A tokenizer may have fewer ids than the model's embedding table (tables are often padded), never
+  more: those tokens would have no embedding."""
+  if tokenizer.vocab_size > model_vocab_size:
+    raise ValueError(f'tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model\'s '
+                     f'vocabulary is only {model_vocab_size}: ids >= {model_vocab_size} would have no '
+                     'embedding. Use the tokenizer the model was trained with.')
 
 
 def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int,

@@ -6,9 +6,14 @@ prefill and then a `lax.while_loop` of single-token steps, each costing one posi
 
   python -m model.generate --ckpt runs/sft --tokenizer demo/tokenizer.model \\
       --prompt "What is a generator?" --chat-template llama2 --max-new-tokens 64
+
+`--tokenizer` takes a SentencePiece `.model`, a Hugging Face `tokenizer.json`, or a folder holding one
+(e.g. the Hugging Face model folder a checkpoint was imported from); `--mesh 1,-1,1` shards the
+parameters over every device (FSDP) and `--mesh 1,1,-1` over heads (tensor parallel).
 """
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import time
@@ -37,14 +42,14 @@ def sample_logits(logits, rng, temperature: float, top_k: int, top_p: float):
   if temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits.astype(jnp.float32) / temperature
-  if top_k:
+  if 0 < top_k < logits.shape[-1]:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if top_p < 1.0:
     sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
     cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
     # Keep the smallest set whose probability reaches top_p (always at least the best token).
-    cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
+    cutoff_index = jnp.minimum(jnp.sum(cumulative < top_p, axis=-1, keepdims=True), logits.shape[-1] - 1)
     cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
@@ -72,6 +77,7 @@ class Generator:
     self.params = params
     self.model = Transformer(model_config, decode=True)
     self._mesh, self._rules = mesh, rules
+    self._compiled = {}  # ahead-of-time compiled executables, see `compile`
 
   def _cache(self, batch: int, length: int):
     shapes = jax.eval_shape(
@@ -81,6 +87,7 @@ class Generator:
   @functools.partial(jax.jit, static_argnums=(0, 5, 6))
   def _generate(self, params, tokens, segments, positions, sampling: SamplingConfig,
                 stop_ids: tuple[int, ...], rng):
+    """Prefill, then one position per step until every row has stopped: (tokens [B, steps], steps)."""
     batch, prompt_len = tokens.shape
     steps = sampling.max_new_tokens
     cache = self._cache(batch, prompt_len + steps)
@@ -110,28 +117,57 @@ class Generator:
     steps_taken, *_, out, _ = jax.lax.while_loop(cond, body, init)
     return out, steps_taken
 
-  def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-               stop_ids: Sequence[int], pad_id: int = 0) -> list[list[int]]:
-    """New tokens for each prompt, up to (not including) the first stop token."""
+  def _inputs(self, prompts, sampling: SamplingConfig, stop_ids, pad_id):
     if not stop_ids:
       raise ValueError('Give at least one stop token id (e.g. the tokenizer EOS)')
     tokens, segments, positions = left_pad(prompts, pad_id)
     if tokens.shape[1] + sampling.max_new_tokens > self.config.max_seq_len:
       raise ValueError(f'prompt ({tokens.shape[1]} padded) + max_new_tokens '
                        f'({sampling.max_new_tokens}) exceeds model.max_seq_len ({self.config.max_seq_len})')
-    args = (self.params, tokens, segments, positions, sampling, tuple(int(i) for i in stop_ids),
-            jax.random.key(sampling.seed))
-    if self._mesh is not None:
-      with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules):
-        out, _ = self._generate(*args)
-    else:
-      out, _ = self._generate(*args)
+    stop_ids = tuple(int(i) for i in stop_ids)
+    dynamic = (self.params, tokens, segments, positions, jax.random.key(sampling.seed))
+    return dynamic, (tokens.shape, sampling.max_new_tokens, sampling.temperature, sampling.top_k,
+                     sampling.top_p, stop_ids)
+
+  def _context(self):
+    if self._mesh is None:
+      return contextlib.nullcontext()
+    return _mesh_context(self._mesh, self._rules)
+
+  def compile(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+              stop_ids: Sequence[int], pad_id: int = 0) -> float:
+    """Compiles ahead of time for these prompts' shapes (so that timing `generate` excludes it).
+    Returns the seconds it took."""
+    start = time.perf_counter()
+    (params, tokens, segments, positions, rng), key = self._inputs(prompts, sampling, stop_ids, pad_id)
+    if key not in self._compiled:
+      with self._context():
+        self._compiled[key] = self._generate.lower(
+            self, params, tokens, segments, positions, sampling, key[-1], rng).compile()
+    return time.perf_counter() - start
+
+  def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+               stop_ids: Sequence[int], pad_id: int = 0) -> list[list[int]]:
+    """New tokens for each prompt, up to (not including) the first stop token."""
+    (params, tokens, segments, positions, rng), key = self._inputs(prompts, sampling, stop_ids, pad_id)
+    with self._context():
+      if key in self._compiled:
+        out, _ = self._compiled[key](params, tokens, segments, positions, rng)
+      else:
+        out, _ = self._generate(params, tokens, segments, positions, sampling, key[-1], rng)
     out = np.asarray(out)
+    stops = set(key[-1])
     results = []
     for row in out:
-      stop_at = [j for j, t in enumerate(row) if t in set(stop_ids)]
+      stop_at = [j for j, t in enumerate(row) if t in stops]
       results.append(row[:stop_at[0]].tolist() if stop_at else row.tolist())
     return results
+
+
+@contextlib.contextmanager
+def _mesh_context(mesh, rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def main(argv=None):
@@ -149,18 +185,27 @@ def main(argv=None):
   parser.add_argument('--top-k', '--top_k', dest='top_k', type=int, default=0)
   parser.add_argument('--top-p', '--top_p', dest='top_p', type=float, default=1.0)
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--mesh', default='', help='data,fsdp,tensor sizes to shard over (e.g. 1,-1,1).')
+  parser.add_argument('--mesh', default='',
+                      help='data,fsdp,tensor sizes to shard over (e.g. 1,-1,1); default: one device.')
+  parser.add_argument('--param-dtype', '--param_dtype', dest='param_dtype', default='',
+                      choices=['', 'float32', 'bfloat16', 'float16'],
+                      help='Cast the parameters to this dtype when loading (default: as the checkpoint '
+                           'says, e.g. float32 after training; bfloat16 halves the memory).')
   args = parser.parse_args(argv)
 
   # Entry point: free to use the trainer's checkpoint and sharding helpers.
   from data import chat  # pylint: disable=import-outside-toplevel
-  from data.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+  from data.tokenizer import check_vocab, load_tokenizer  # pylint: disable=import-outside-toplevel
   from train import checkpoint, sharding  # pylint: disable=import-outside-toplevel
 
   model_config = checkpoint.load_model_config(args.ckpt)
+  if args.param_dtype:
+    model_config = dataclasses.replace(model_config, param_dtype=args.param_dtype)
   tokenizer = load_tokenizer(args.tokenizer)
-  if tokenizer.vocab_size > model_config.vocab_size:
-    parser.error(f'tokenizer has {tokenizer.vocab_size} tokens, model only {model_config.vocab_size}')
+  try:
+    check_vocab(tokenizer, model_config.vocab_size)
+  except ValueError as e:
+    parser.error(str(e))
   mesh = None
   abstract = jax.eval_shape(lambda: Transformer(model_config).init(
       jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))['params']
@@ -178,11 +223,12 @@ def main(argv=None):
     prompts = [template.prompt_ids(tokenizer, chat.conversation(p, args.system)) for p in args.prompt]
     stop_ids = template.stop_ids(tokenizer)
   else:
-    prompts = [[tokenizer.bos_id] + tokenizer.encode(p) for p in args.prompt]
+    bos = [tokenizer.bos_id] if tokenizer.add_bos else []
+    prompts = [bos + tokenizer.encode(p) for p in args.prompt]
     stop_ids = [tokenizer.eos_id]
   generator = Generator(model_config, params, mesh, sharding.LOGICAL_AXIS_RULES)
   sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-  generator.generate(prompts[:1], sampling, stop_ids, tokenizer.pad_id)  # compile
+  compile_s = generator.compile(prompts, sampling, stop_ids, tokenizer.pad_id)
   start = time.perf_counter()
   outputs = generator.generate(prompts, sampling, stop_ids, tokenizer.pad_id)
   elapsed = time.perf_counter() - start
@@ -190,7 +236,8 @@ def main(argv=None):
     print(f'>>> {prompt}\n{tokenizer.decode(out)}\n')
   n_tokens = sum(len(o) for o in outputs)
   print(f'{n_tokens} new tokens in {elapsed:.2f} s: {n_tokens / max(elapsed, 1e-9):.1f} tokens/s '
-        f'(batch {len(prompts)})')
+        f'(batch {len(prompts)}, prefill included; compiled in {compile_s:.1f} s, '
+        f'{"mesh " + str(dict(mesh.shape)) if mesh else jax.devices()[0].platform})')
 
 
 if __name__ == '__main__':

@@ -1,0 +1,208 @@
+"""Hugging Face import/export against `transformers` itself: tiny random Llama (GQA, Llama-3 rope
+scaling), Mistral (GQA, sharded safetensors) and Qwen2 (q/k/v bias, tied embeddings) models are built
+with torch, saved, imported, compared logit for logit and token for token, exported and reloaded."""
+
+import dataclasses
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from model import Transformer, convert
+from model.generate import Generator, SamplingConfig
+from train import checkpoint
+
+VOCAB = 160
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              rms_norm_eps=1e-5)
+LLAMA3_ROPE = {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+               'original_max_position_embeddings': 32}
+ARCHS = {
+    'llama': (transformers.LlamaConfig, transformers.LlamaForCausalLM,
+              dict(rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)),
+    'mistral': (transformers.MistralConfig, transformers.MistralForCausalLM,
+                dict(rope_theta=1e6, sliding_window=None)),
+    'qwen2': (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+}
+TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 40))
+
+
+def _hf_model(arch):
+  config_cls, model_cls, extra = ARCHS[arch]
+  model = model_cls(config_cls(**COMMON, **extra))
+  # Random weights everywhere (HF initialises biases to zero and norms to one, which would hide a
+  # wrongly mapped bias or norm), large enough that greedy decoding has clear winners.
+  torch.manual_seed(0)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      p.copy_(1 + 0.1 * torch.randn_like(p) if 'norm' in name else 0.1 * torch.randn_like(p))
+  return model.eval()
+
+
+def _hf_logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.tensor(tokens)).logits.numpy()
+
+
+def _load(ckpt, **overrides):
+  cfg = dataclasses.replace(checkpoint.load_model_config(ckpt), dtype='float32', **overrides)
+  abstract = nn.meta.unbox(jax.eval_shape(lambda: Transformer(cfg).init(
+      jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))['params'])
+  return cfg, checkpoint.load_params(ckpt, abstract)
+
+
+@pytest.fixture(scope='module', params=sorted(ARCHS))
+def imported(request, tmp_path_factory):
+  """(arch, HF model, HF folder, imported checkpoint, ModelConfig, params) per architecture."""
+  arch = request.param
+  root = tmp_path_factory.mktemp(arch)
+  model = _hf_model(arch)
+  # Mistral is saved in shards, to exercise model.safetensors.index.json.
+  model.save_pretrained(root / 'hf', max_shard_size='100KB' if arch == 'mistral' else '5GB')
+  ckpt = str(root / 'ckpt')
+  convert.main(['import', '--hf-dir', str(root / 'hf'), '--out', ckpt, '--dtype', 'float32'])
+  cfg, params = _load(ckpt)
+  return arch, model, root / 'hf', ckpt, cfg, params
+
+
+def test_import_derives_the_config(imported):
+  arch, _, hf_dir, _, cfg, params = imported
+  assert (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.embed_dim) == (4, 2, 16, 64)
+  assert cfg.qkv_bias == (arch == 'qwen2')
+  assert cfg.tie_embeddings == (arch == 'qwen2')
+  assert ('unembed' in params) != cfg.tie_embeddings
+  assert cfg.rope_scaling_factor == (8.0 if arch == 'llama' else 0.0)
+  assert cfg.rope_original_max_len == (32 if arch == 'llama' else 8192)
+  assert cfg.rope_theta == {'llama': 500000.0, 'mistral': 1e6, 'qwen2': 10000.0}[arch]
+  if arch == 'mistral':
+    assert os.path.exists(hf_dir / 'model.safetensors.index.json')
+
+
+def test_imported_logits_match_transformers(imported):
+  arch, model, _, _, cfg, params = imported
+  ours = np.asarray(jax.jit(Transformer(cfg).apply)({'params': params}, TOKENS))
+  diff = np.abs(ours - _hf_logits(model, TOKENS)).max()
+  print(f'{arch}: max |logits - transformers| = {diff:.2e}')
+  assert diff < 1e-4
+
+
+def test_greedy_generation_matches_transformers(imported):
+  """20 greedy tokens for a batch of prompts of different lengths (left-padded together on our side)
+  equal transformers' generate, one prompt at a time."""
+  arch, model, _, _, cfg, params = imported
+  prompts = [[3, 17, 42, 9, 100, 5, 77], [8, 1, 150], list(range(20, 40))]
+  stop = VOCAB - 1
+  ours = Generator(cfg, params).generate(prompts, SamplingConfig(max_new_tokens=20), [stop])
+  for prompt, mine in zip(prompts, ours):
+    with torch.no_grad():
+      out = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
+                           eos_token_id=stop, pad_token_id=stop)[0, len(prompt):].tolist()
+    theirs = out[:out.index(stop)] if stop in out else out
+    assert mine == theirs, arch
+  assert sum(len(o) for o in ours) > 40  # most rows ran the full 20 steps: the comparison is real
+
+
+def test_export_reloads_in_transformers(imported, tmp_path):
+  arch, model, _, ckpt, cfg, _ = imported
+  out = tmp_path / 'hf'
+  args = ['export', '--ckpt', ckpt, '--out', str(out), '--dtype', 'float32']
+  if arch == 'mistral':
+    args += ['--arch', 'mistral', '--shard-size-gb', str(100e3 / 2**30)]
+  convert.main(args)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  assert type(reloaded) is type(model)
+  theirs, mine = model.state_dict(), reloaded.state_dict()
+  assert sorted(theirs) == sorted(mine)
+  for name, value in theirs.items():
+    assert torch.equal(value, mine[name]), name
+  np.testing.assert_array_equal(_hf_logits(reloaded, TOKENS), _hf_logits(model, TOKENS))
+  hf = json.loads((out / 'config.json').read_text())
+  assert hf['tie_word_embeddings'] == cfg.tie_embeddings
+  assert (hf['rope_scaling'] or {}).get('factor') == (8.0 if arch == 'llama' else None)
+  if arch == 'mistral':
+    assert len(json.loads((out / 'model.safetensors.index.json').read_text())['weight_map']) == len(mine)
+
+
+def test_export_import_round_trip_is_exact_in_bfloat16(imported, tmp_path):
+  """bfloat16 export, re-import: every parameter comes back as the bfloat16 rounding of the original,
+  also through the unscanned (layers_0, layers_1) layout."""
+  arch, _, _, ckpt, cfg, params = imported
+  convert.export_hf(ckpt, str(tmp_path / 'hf'), dtype='bfloat16', log=None)
+  convert.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'ckpt'), log=None, scan_layers=False)
+  cfg2 = checkpoint.load_model_config(str(tmp_path / 'ckpt'))
+  assert cfg2.param_dtype == 'bfloat16' and not cfg2.scan_layers
+  assert cfg2.tie_embeddings == cfg.tie_embeddings and cfg2.qkv_bias == cfg.qkv_bias
+  _, back = _load(str(tmp_path / 'ckpt'), param_dtype='float32')
+  back = convert._stack_layers(back, cfg.n_layers)  # pylint: disable=protected-access
+  expected = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16).astype(np.float32), params)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, back), expected)
+
+
+def test_config_mapping_and_presets():
+  # A Llama-3.1-8B config.json as published (transformers<5 keys): the llama3_1_8b preset.
+  llama31 = dict(architectures=['LlamaForCausalLM'], vocab_size=128256, hidden_size=4096,
+                 intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+                 max_position_embeddings=131072, tie_word_embeddings=False, torch_dtype='bfloat16',
+                 rope_scaling=dict(rope_type='llama3', factor=8.0, low_freq_factor=1.0,
+                                   high_freq_factor=4.0, original_max_position_embeddings=8192))
+  cfg, arch, notes = convert.config_from_hf(llama31)
+  assert (arch, notes, cfg.param_dtype) == ('llama', [], 'bfloat16')
+  assert convert.matching_preset(cfg) == ('llama3_1_8b', '')
+  # The same through the transformers>=5 spelling.
+  v5 = {k: v for k, v in llama31.items() if k not in ('rope_theta', 'rope_scaling')}
+  v5['rope_parameters'] = {**llama31['rope_scaling'], 'rope_theta': 500000.0}
+  assert convert.config_from_hf(v5)[0] == cfg
+  # Round trip through our config.json.
+  assert convert.config_from_hf(convert.config_to_hf(cfg, 'llama', 'bfloat16'))[0] == cfg
+  # Mistral-7B-v0.1: a 4096 sliding window caps the sequence length where full attention is exact.
+  mistral = dict(llama31, architectures=['MistralForCausalLM'], vocab_size=32000, rope_theta=10000.0,
+                 rope_scaling=None, max_position_embeddings=32768, sliding_window=4096)
+  cfg, arch, notes = convert.config_from_hf(mistral)
+  assert arch == 'mistral' and cfg.max_seq_len == 4096 and 'sliding_window=4096' in notes[0]
+  name, diff = convert.matching_preset(cfg)
+  assert name is None and 'rope_theta (10000.0 vs 1000000.0)' in diff
+  assert convert.matching_preset(convert.config_from_hf(
+      dict(mistral, rope_theta=1e6, sliding_window=None))[0])[0] == 'mistral_7b'
+
+
+@pytest.mark.parametrize('change,message', [
+    (dict(rope_scaling=dict(rope_type='yarn', factor=4.0)), r'rope_scaling.rope_type=.yarn'),
+    (dict(rope_parameters=dict(rope_type='linear', factor=2.0)), r'rope_parameters.rope_type=.linear'),
+    (dict(attention_bias=True), 'attention_bias=True'),
+    (dict(hidden_act='gelu'), "hidden_act='gelu'"),
+    (dict(architectures=['GPT2LMHeadModel'], model_type='gpt2'), 'only .* supported'),
+])
+def test_unsupported_configs_name_the_key(change, message):
+  hf = {**COMMON, 'architectures': ['LlamaForCausalLM'], **change}
+  with pytest.raises(ValueError, match=message):
+    convert.config_from_hf(hf)
+
+
+def test_import_rejects_mismatched_weights_and_tokenizers(tmp_path):
+  hf_dir = tmp_path / 'hf'
+  _hf_model('llama').save_pretrained(hf_dir)
+  # config.json saying something the weights do not: named tensor and shapes.
+  bad = tmp_path / 'bad'
+  bad.mkdir()
+  for f in hf_dir.iterdir():
+    (bad / f.name).write_bytes(f.read_bytes())
+  config = json.loads((bad / 'config.json').read_text())
+  (bad / 'config.json').write_text(json.dumps(dict(config, intermediate_size=128)))
+  with pytest.raises(ValueError, match=r'mlp\.\w+_proj\.weight has shape .* config.json implies'):
+    convert.import_hf(str(bad), str(tmp_path / 'x'), log=None)
+  (bad / 'config.json').write_text(json.dumps(dict(config, tie_word_embeddings=True)))
+  with pytest.raises(ValueError, match='tie_word_embeddings=true, but lm_head.weight differs'):
+    convert.import_hf(str(bad), str(tmp_path / 'y'), log=None)
+  # A tokenizer with more ids than the model has embeddings.
+  from tests.tokenizers_for_tests import make_hf_tokenizer  # pylint: disable=import-outside-toplevel
+  tok_dir = make_hf_tokenizer(tmp_path / 'tok', vocab_size=300)
+  with pytest.raises(ValueError, match='has 300 tokens but the model.s vocabulary is only 160'):
+    convert.import_hf(str(hf_dir), str(tmp_path / 'z'), tokenizer=str(tok_dir), log=None)

@@ -1,0 +1,118 @@
+"""Both tokenizer kinds behind one interface: SentencePiece `.model` and Hugging Face `tokenizer.json`,
+picked by file type, with BOS/EOS from tokenizer_config.json or well-known names, working with the
+chat templates, and rejected when larger than the model's vocabulary."""
+
+import json
+
+import pytest
+
+from data import chat
+from data.tokenizer import (HuggingFaceTokenizer, SentencePieceTokenizer, check_vocab,
+                            load_tokenizer)
+from tests.tokenizers_for_tests import make_hf_tokenizer, make_sp_tokenizer
+
+CHAT = [
+    {'role': 'system', 'content': 'Be brief.'},
+    {'role': 'user', 'content': 'What does a for statement do?'},
+    {'role': 'assistant', 'content': 'It iterates over the items of a sequence.'},
+    {'role': 'user', 'content': 'And while?'},
+    {'role': 'assistant', 'content': 'It repeats while a condition holds, e.g. `while x > 0:`.'},
+]
+TEXT = 'The for statement is used to iterate over the elements of a sequence (such as 1234).\n\n  ok'
+
+
+@pytest.fixture(scope='module')
+def llama3_dir(tmp_path_factory):
+  return make_hf_tokenizer(tmp_path_factory.mktemp('llama3'), style='llama3')
+
+
+@pytest.fixture(scope='module')
+def sp_path(tmp_path_factory):
+  return make_sp_tokenizer(tmp_path_factory.mktemp('spm') / 'tokenizer.model')
+
+
+def test_hf_tokenizer_follows_the_interface(llama3_dir):
+  tok = load_tokenizer(llama3_dir)  # a folder holding tokenizer.json
+  assert isinstance(tok, HuggingFaceTokenizer)
+  assert load_tokenizer(llama3_dir + '/tokenizer.json').vocab_size == tok.vocab_size == 400
+  assert (tok.bos_id, tok.eos_id) == (tok.token_id('<|begin_of_text|>'), tok.token_id('<|end_of_text|>'))
+  assert tok.add_bos  # its post-processor adds <|begin_of_text|>, like Llama 3's
+  ids = tok.encode(TEXT)
+  assert tok.bos_id not in ids and tok.eos_id not in ids  # no special tokens added
+  assert tok.decode(ids) == TEXT
+  assert tok.encode_batch([TEXT, 'x']) == [ids, tok.encode('x')]
+  assert tok.token_id('<|eot_id|>') is not None and tok.token_id('<|no such token|>') is None
+
+
+def test_well_known_names_without_tokenizer_config(tmp_path):
+  tok = load_tokenizer(make_hf_tokenizer(tmp_path, style='llama3', config=False))
+  assert (tok.bos_id, tok.eos_id) == (tok.token_id('<|begin_of_text|>'), tok.token_id('<|end_of_text|>'))
+
+
+def test_qwen_style_tokenizer_has_no_bos(tmp_path):
+  tok = load_tokenizer(make_hf_tokenizer(tmp_path, style='qwen'))
+  assert tok.eos_id == tok.token_id('<|endoftext|>')
+  assert tok.bos_id == tok.eos_id and not tok.add_bos
+  ids, mask = chat.get_template('chatml').encode(tok, CHAT)
+  assert ids[0] == tok.token_id('<|im_start|>')
+  assert chat.get_template('chatml').stop_ids(tok) == [tok.token_id('<|im_end|>')]
+  trained = [i for i, m in zip(ids, mask) if m]
+  end = tok.token_id('<|im_end|>')
+  assert trained == (tok.encode(CHAT[2]['content']) + [end] + tok.encode(CHAT[4]['content']) + [end])
+
+
+@pytest.mark.parametrize('template,rendered', [
+    ('llama3', '<|begin_of_text|>' + ''.join(
+        f'<|start_header_id|>{m["role"]}<|end_header_id|>\n\n{m["content"]}<|eot_id|>' for m in CHAT)),
+    ('chatml', ''.join(f'<|im_start|>{m["role"]}\n{m["content"]}<|im_end|>\n' for m in CHAT)),
+])
+def test_templates_with_hf_tokenizer_equal_tokenizing_the_rendered_text(llama3_dir, template,
+                                                                       rendered):
+  """Piece-by-piece template encoding gives the ids that the tokenizer itself gives the whole rendered
+  conversation (special tokens recognised in the text), as Hugging Face's apply_chat_template would."""
+  tok = load_tokenizer(llama3_dir)
+  ids, mask = chat.get_template(template).encode(tok, CHAT)
+  assert ids == tok._tok.encode(rendered, add_special_tokens=False).ids  # pylint: disable=protected-access
+  end = chat.get_template(template).stop_ids(tok)[0]
+  trained = [i for i, m in zip(ids, mask) if m]
+  assert trained == (tok.encode(CHAT[2]['content']) + [end] + tok.encode(CHAT[4]['content']) + [end])
+
+
+def test_sentencepiece_by_file_or_folder(sp_path, tmp_path):
+  tok = load_tokenizer(sp_path)
+  assert isinstance(tok, SentencePieceTokenizer) and tok.add_bos
+  assert isinstance(load_tokenizer(str(tmp_path.parent / sp_path.split('/')[-2])), SentencePieceTokenizer)
+  assert (tok.bos_id, tok.eos_id) == (1, 2)
+  assert tok.decode(tok.encode(TEXT)) == TEXT
+  for name in ('llama2', 'mistral', 'llama3', 'chatml'):
+    ids, mask = chat.get_template(name).encode(tok, CHAT)
+    assert sum(mask) > 10 and len(ids) == len(mask)
+
+
+def test_errors_are_explicit(tmp_path, llama3_dir):
+  with pytest.raises(FileNotFoundError, match='neither tokenizer.json nor tokenizer.model'):
+    load_tokenizer(str(tmp_path))
+  (tmp_path / 'vocab.txt').write_text('a\n')
+  with pytest.raises(ValueError, match='expected a SentencePiece .model file or a Hugging Face'):
+    load_tokenizer(str(tmp_path / 'vocab.txt'))
+  with pytest.raises(FileNotFoundError):
+    load_tokenizer(str(tmp_path / 'missing.model'))
+  # A tokenizer_config.json naming a token the vocabulary lacks.
+  bad = tmp_path / 'bad'
+  make_hf_tokenizer(bad, style='llama3')
+  (bad / 'tokenizer_config.json').write_text(json.dumps({'eos_token': '<|nope|>'}))
+  with pytest.raises(ValueError, match="names eos_token '<\\|nope\\|>'"):
+    load_tokenizer(str(bad))
+  # No tokenizer_config.json and no well-known EOS name.
+  from tokenizers import Tokenizer, models, trainers  # pylint: disable=import-outside-toplevel
+  plain = Tokenizer(models.WordLevel(unk_token='[UNK]'))
+  plain.train_from_iterator(['a b c'], trainers.WordLevelTrainer(special_tokens=['[UNK]']))
+  (tmp_path / 'plain').mkdir()
+  plain.save(str(tmp_path / 'plain' / 'tokenizer.json'))
+  with pytest.raises(ValueError, match='cannot tell the EOS token'):
+    load_tokenizer(str(tmp_path / 'plain'))
+  # More ids than the model has embeddings.
+  tok = load_tokenizer(llama3_dir)
+  check_vocab(tok, 400)
+  with pytest.raises(ValueError, match='has 400 tokens but the model.s vocabulary is only 399'):
+    check_vocab(tok, 399)
