@@ -35,6 +35,9 @@ class SamplingConfig:
   top_k: int = 0            # 0 means no top-k filter
   top_p: float = 1.0        # 1 means no nucleus filter
   seed: int = 0
+  # Sample only ids below this (the tokenizer's size, when the model's embedding table is padded
+  # beyond it); 0 means every id.
+  vocab_limit: int = 0
 
 
 def sample_logits(logits, rng, temperature: float, top_k: int, top_p: float):
@@ -103,6 +106,9 @@ class Generator:
     def body(carry):
       i, cache, last_logits, position, rng, out, done = carry
       rng, step_rng = jax.random.split(rng)
+      if 0 < sampling.vocab_limit < last_logits.shape[-1]:
+        last_logits = jnp.where(jnp.arange(last_logits.shape[-1]) < sampling.vocab_limit, last_logits,
+                                -jnp.inf)
       token = sample_logits(last_logits, step_rng, sampling.temperature, sampling.top_k,
                             sampling.top_p)
       token = jnp.where(done, stops[0], token)
@@ -126,8 +132,8 @@ class Generator:
                        f'({sampling.max_new_tokens}) exceeds model.max_seq_len ({self.config.max_seq_len})')
     stop_ids = tuple(int(i) for i in stop_ids)
     dynamic = (self.params, tokens, segments, positions, jax.random.key(sampling.seed))
-    return dynamic, (tokens.shape, sampling.max_new_tokens, sampling.temperature, sampling.top_k,
-                     sampling.top_p, stop_ids)
+    # What the compiled program depends on: the seed is an input, everything else is static.
+    return dynamic, (tokens.shape, dataclasses.replace(sampling, seed=0), stop_ids)
 
   def _context(self):
     if self._mesh is None:
@@ -143,7 +149,7 @@ class Generator:
     if key not in self._compiled:
       with self._context():
         self._compiled[key] = self._generate.lower(
-            self, params, tokens, segments, positions, sampling, key[-1], rng).compile()
+            self, params, tokens, segments, positions, key[1], key[2], rng).compile()
     return time.perf_counter() - start
 
   def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
@@ -154,7 +160,7 @@ class Generator:
       if key in self._compiled:
         out, _ = self._compiled[key](params, tokens, segments, positions, rng)
       else:
-        out, _ = self._generate(params, tokens, segments, positions, sampling, key[-1], rng)
+        out, _ = self._generate(params, tokens, segments, positions, key[1], key[2], rng)
     out = np.asarray(out)
     stops = set(key[-1])
     results = []
@@ -213,7 +219,8 @@ def main(argv=None):
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, map(int, args.mesh.split(',')))))
     shardings = sharding.logical_to_sharding(nn.get_partition_spec(abstract), mesh)
   else:
-    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, nn.meta.unbox(abstract))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.meta.unbox(abstract), shardings)
   params = checkpoint.load_params(args.ckpt, abstract)
@@ -227,7 +234,8 @@ def main(argv=None):
     prompts = [bos + tokenizer.encode(p) for p in args.prompt]
     stop_ids = [tokenizer.eos_id]
   generator = Generator(model_config, params, mesh, sharding.LOGICAL_AXIS_RULES)
-  sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+  sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                            vocab_limit=tokenizer.vocab_size)
   compile_s = generator.compile(prompts, sampling, stop_ids, tokenizer.pad_id)
   start = time.perf_counter()
   outputs = generator.generate(prompts, sampling, stop_ids, tokenizer.pad_id)
