@@ -53,7 +53,19 @@ def get_config() -> ml_collections.ConfigDict:
       add_eos=True,
       shuffle_buffer=1000,   # documents
       seed=0,
+      # Instruction tuning (train.sft) only:
+      chat_template='llama2',  # llama2 | llama3 | chatml | mistral | alpaca (data/chat.py)
+      fields=ml_collections.ConfigDict(dict(  # field names in the records
+          instruction='instruction', input='input', output='output', messages='messages',
+          role='role', content='content', prompt='prompt', completion='completion')),
+      packing=True,          # several examples per row; False: one example per row, padded
+      overlong='truncate',   # examples longer than seq_len: truncate | drop (counted either way)
+      skip_bad_records=False,  # False: stop at the first bad record; True: skip and count them
+      eval_fraction=0.0,     # without eval_files, hold out this share of train records
   ))
+
+  # Instruction tuning: start from these parameters (a workdir, its checkpoints/ or a step folder).
+  c.init_from = ''
 
   # Multi-process runs outside TPU VMs / SLURM: the coordinator's host:port, and this process's place.
   c.distributed = ml_collections.ConfigDict(dict(coordinator_address='', num_processes=0, process_id=-1))

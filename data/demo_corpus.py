@@ -5,7 +5,11 @@ into paragraph groups of ~1-2 KB) and the longer docstrings of the standard libr
 (nothing is imported). About 1.7 MB in all; the exact text depends on the Python version. A fixed
 share of documents, chosen by a hash of their name, is held out for evaluation.
 
-  python -m data.demo_corpus --out demo/data
+With --sft_out it also writes an instruction set whose answers can be checked: questions about
+sentences of the corpus ("What is the last word of this sentence?"), each with one correct answer.
+Training questions come from training documents, held-out questions from held-out documents.
+
+  python -m data.demo_corpus --out demo/data --sft_out demo/sft_data
 """
 
 import ast
@@ -13,6 +17,8 @@ import glob
 import hashlib
 import json
 import os
+import random
+import re
 import sys
 import sysconfig
 from typing import Iterator
@@ -21,6 +27,9 @@ from absl import app, flags
 
 _OUT = flags.DEFINE_string('out', 'demo/data', 'Output folder for train.jsonl and eval.jsonl.')
 _EVAL_PERCENT = flags.DEFINE_integer('eval_percent', 5, 'Share of documents held out for evaluation.')
+_SFT_OUT = flags.DEFINE_string('sft_out', '', 'If set, also write the instruction set here.')
+_SFT_TRAIN = flags.DEFINE_integer('sft_train_examples', 6000, 'Training questions to write.')
+_SFT_EVAL = flags.DEFINE_integer('sft_eval_examples', 150, 'Held-out questions to write.')
 
 MIN_DOCSTRING_CHARS = 200
 TOPIC_CHUNK_CHARS = 1000
@@ -81,10 +90,58 @@ def write_corpus(out_dir: str, eval_percent: int = 5) -> dict[str, int]:
   return counts
 
 
+WORD = re.compile(r"^[A-Za-z][A-Za-z'-]*$")
+QUESTIONS = {
+    'first_word': ('What is the first word of this sentence?', lambda words: words[0]),
+    'last_word': ('What is the last word of this sentence?', lambda words: words[-1]),
+    'word_count': ('How many words are in this sentence?', lambda words: str(len(words))),
+}
+
+
+def sentences(text: str) -> Iterator[list[str]]:
+  """Plain sentences of 4 to 9 words (letters only, trailing punctuation removed)."""
+  for sentence in re.split(r'(?<=[.!?])\s+|\n+', text):
+    words = [w.rstrip('.,;:!?') for w in sentence.split()]
+    if 4 <= len(words) <= 9 and all(WORD.match(w) for w in words):
+      yield words
+
+
+def instruction_examples(corpus_file: str, n: int, seed: int) -> list[dict]:
+  with open(corpus_file, encoding='utf-8') as f:
+    pool = [words for line in f for words in sentences(json.loads(line)['text'])]
+  rng = random.Random(seed)
+  rng.shuffle(pool)
+  examples = []
+  for i, words in enumerate(pool[:n]):
+    task = sorted(QUESTIONS)[i % len(QUESTIONS)]
+    question, answer = QUESTIONS[task]
+    examples.append({'task': task, 'messages': [
+        {'role': 'user', 'content': f'{question}\n{" ".join(words)}'},
+        {'role': 'assistant', 'content': answer(words)}]})
+  return examples
+
+
+def write_instruction_task(corpus_dir: str, out_dir: str, n_train: int, n_eval: int) -> dict[str, int]:
+  """Writes train.jsonl and eval.jsonl in the chat format (plus a "task" field per record)."""
+  os.makedirs(out_dir, exist_ok=True)
+  counts = {}
+  for split, n, seed in (('train', n_train, 0), ('eval', n_eval, 1)):
+    examples = instruction_examples(os.path.join(corpus_dir, f'{split}.jsonl'), n, seed)
+    tmp = os.path.join(out_dir, f'{split}.jsonl.tmp')
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.writelines(json.dumps(e) + '\n' for e in examples)
+    os.replace(tmp, os.path.join(out_dir, f'{split}.jsonl'))
+    counts[split] = len(examples)
+  return counts
+
+
 def main(argv):
   del argv
   counts = write_corpus(_OUT.value, _EVAL_PERCENT.value)
   print(f"Wrote {counts['train']} train and {counts['eval']} eval documents to {_OUT.value}/")
+  if _SFT_OUT.value:
+    counts = write_instruction_task(_OUT.value, _SFT_OUT.value, _SFT_TRAIN.value, _SFT_EVAL.value)
+    print(f"Wrote {counts['train']} train and {counts['eval']} held-out questions to {_SFT_OUT.value}/")
 
 
 if __name__ == '__main__':

@@ -1,32 +1,56 @@
 #!/usr/bin/env bash
 # The main job on a laptop CPU, from a fresh clone: set up .venv, write the demo corpus (CPython's own
-# documentation, offline), train a tokenizer, pretrain the tiny model, report held-out loss.
+# documentation, offline) and a checked-answer instruction set, train a tokenizer, pretrain the tiny
+# model, instruction-tune it, and show held-out loss and answer accuracy before and after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=.venv/bin/python
 export TF_CPP_MIN_LOG_LEVEL=2
 DEMO=${DEMO_DIR:-demo}
-STEPS=${DEMO_STEPS:-600}
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-600}
+SFT_STEPS=${SFT_STEPS:-300}
 START=$(date +%s)
+TOK="$DEMO/tokenizer.model"
+score() {  # $1: checkpoint, $2: label
+  $PY -m model.exact_match --ckpt "$1" --tokenizer "$TOK" --data "$DEMO/sft_data/eval.jsonl" \
+    --chat-template llama2 --label "$2" --json-out "$1/exact_match.json"
+}
 
-echo "== 1/3 demo corpus"
-$PY -m data.demo_corpus --out "$DEMO/data"
-echo "== 2/3 tokenizer"
-$PY -m data.tokenizer --input="$DEMO/data/train.jsonl" --format=jsonl --vocab_size=2048 \
-  --out="$DEMO/tokenizer.model"
-echo "== 3/3 pretraining (configs/tiny.py, $STEPS steps)"
+echo "== 1/6 demo corpus and instruction set"
+$PY -m data.demo_corpus --out "$DEMO/data" --sft_out "$DEMO/sft_data"
+echo "== 2/6 tokenizer"
+$PY -m data.tokenizer --input="$DEMO/data/train.jsonl" --format=jsonl --vocab_size=2048 --out="$TOK"
+echo "== 3/6 pretraining (configs/tiny.py, $PRETRAIN_STEPS steps)"
 $PY -m train.pretrain --config=configs/tiny.py --workdir="$DEMO/pretrain" \
-  --config.train.steps="$STEPS" --config.data.train_files="$DEMO/data/train.jsonl" \
-  --config.data.eval_files="$DEMO/data/eval.jsonl" --config.data.tokenizer="$DEMO/tokenizer.model"
+  --config.train.steps="$PRETRAIN_STEPS" --config.data.train_files="$DEMO/data/train.jsonl" \
+  --config.data.eval_files="$DEMO/data/eval.jsonl" --config.data.tokenizer="$TOK"
+echo "== 4/6 held-out questions, before instruction tuning"
+score "$DEMO/pretrain" "Before instruction tuning: "
+echo "== 5/6 instruction tuning (configs/sft_tiny.py, $SFT_STEPS steps)"
+$PY -m train.sft --config=configs/sft_tiny.py --workdir="$DEMO/sft" --config.init_from="$DEMO/pretrain" \
+  --config.train.steps="$SFT_STEPS" --config.data.train_files="$DEMO/sft_data/train.jsonl" \
+  --config.data.eval_files="$DEMO/sft_data/eval.jsonl" --config.data.tokenizer="$TOK"
+echo "== 6/6 held-out questions, after instruction tuning"
+score "$DEMO/sft" "After instruction tuning: "
+$PY -m model.generate --ckpt "$DEMO/sft" --tokenizer "$TOK" --chat-template llama2 --max-new-tokens 8 \
+  --prompt "What is the last word of this sentence?
+Every program has a beginning and an end" \
+  --prompt "How many words are in this sentence?
+The answer is written below"
 
 $PY - "$DEMO" "$START" <<'PYEOF'
 import json, sys, time
 demo, start = sys.argv[1], int(sys.argv[2])
-evals = [json.loads(l) for l in open(f'{demo}/pretrain/metrics.jsonl') if 'eval_loss' in l]
-first, last = evals[0], evals[-1]
-print(f"\nHeld-out loss: {first['eval_loss']:.3f} at step {first['step']} -> "
-      f"{last['eval_loss']:.3f} at step {last['step']} "
-      f"(perplexity {first['eval_perplexity']:.0f} -> {last['eval_perplexity']:.1f})")
+def evals(run):
+  return json.load(open(f'{demo}/{run}/eval_results.json'))
+pre, sft = evals('pretrain'), evals('sft')
+before, after = (json.load(open(f'{demo}/{r}/exact_match.json')) for r in ('pretrain', 'sft'))
+print('\n== Summary')
+print(f"Pretraining held-out loss: {pre[0]['eval_loss']:.3f} (step {pre[0]['step']}) -> "
+      f"{pre[-1]['eval_loss']:.3f} (step {pre[-1]['step']})")
+print(f"Instruction tuning held-out answer loss: {sft[0]['eval_loss']:.3f} (step {sft[0]['step']}) -> "
+      f"{sft[-1]['eval_loss']:.3f} (step {sft[-1]['step']})")
+print(f"Held-out exact-match accuracy: {100 * before['accuracy']:.1f}% -> {100 * after['accuracy']:.1f}%")
 print(f"Demo wall time: {time.time() - start:.0f} s")
 PYEOF

@@ -41,6 +41,7 @@ def test_row_features():
       'starts': tf.constant([[0, 0, 1, 0, 0, 1, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]]),
       'valid': tf.constant([[1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0, 0]]),
   }
+  rows['trainable'] = rows['valid']
   f = {k: v.numpy() for k, v in packing.row_features(rows).items()}
   np.testing.assert_array_equal(f['segment_ids'], [[1, 1, 2, 2, 2, 3, 3, 3], [1, 1, 1, 1, 0, 0, 0, 0]])
   np.testing.assert_array_equal(f['positions'], [[0, 1, 0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 0, 0, 0, 0]])

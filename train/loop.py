@@ -173,13 +173,17 @@ def train(config: Any, workdir: str, data: DataSource,
   step = int(jax.device_get(state.step))
   last: dict[str, float] = {}
 
+  eval_history = []
+
   def run_eval(at_step):
     if not eval_batches:
       return
     result = evaluate(run, eval_step, state.params, eval_batches)
     writer.write(at_step, result)
     last.update(result)
+    eval_history.append({'step': at_step, **result})
     if primary:
+      _write_json(os.path.join(workdir, 'eval_results.json'), eval_history, append_to_existing=True)
       logging.info('eval at step %d: loss %.4f | perplexity %.2f | %d tokens', at_step,
                    result['eval_loss'], result['eval_perplexity'], result['eval_tokens'])
 
@@ -228,6 +232,18 @@ def train(config: Any, workdir: str, data: DataSource,
   ckpt.close()
   writer.close()
   if primary:
-    with open(os.path.join(workdir, 'final_metrics.json'), 'w', encoding='utf-8') as f:
-      json.dump({'step': step, **last}, f, indent=2)
+    _write_json(os.path.join(workdir, 'final_metrics.json'), {'step': step, **last})
   return last
+
+
+def _write_json(path: str, value, append_to_existing: bool = False):
+  """Writes atomically. With `append_to_existing`, `value` (a list) extends what a previous run of
+  the same workdir wrote, minus entries for steps this run has redone."""
+  if append_to_existing and os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      earlier = json.load(f)
+    first_step = value[0]['step']
+    value = [e for e in earlier if e['step'] < first_step] + value
+  with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    json.dump(value, f, indent=2)
+  os.replace(path + '.tmp', path)

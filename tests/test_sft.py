@@ -1,0 +1,193 @@
+"""Instruction tuning: input checks, loss masking, packing isolation, init_from, exact resume."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import sft_tiny
+from data import demo_corpus
+from data.sft import SFTData, SFTDataError
+from model import ModelConfig, Transformer
+from train import checkpoint, loop, step as step_lib, validate
+from train.sft import params_from_checkpoint
+
+SEQ = 128
+SMALL_MODEL = dict(vocab_size=512, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                   mlp_dim=128)
+
+
+@pytest.fixture(scope='module')
+def sft_files(demo_data, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('sft'))
+  demo_corpus.write_instruction_task(os.path.join(demo_data['dir'], 'data'), out, 400, 40)
+  return {'train': os.path.join(out, 'train.jsonl'), 'eval': os.path.join(out, 'eval.jsonl')}
+
+
+def _config(demo_data, sft_files, **data):
+  c = sft_tiny.get_config()
+  c.model.update(SMALL_MODEL)
+  c.data.train_files, c.data.eval_files = sft_files['train'], sft_files['eval']
+  c.data.tokenizer = demo_data['tokenizer']
+  c.data.update(data)
+  c.train.update(dict(batch_size=8, seq_len=SEQ, log_every=1, eval_every=3, eval_at_start=False,
+                      eval_max_batches=2))
+  c.optimizer.update(dict(decay_steps=6, warmup_steps=2, lr=3e-3))
+  c.checkpoint.every_steps = 3
+  return c
+
+
+def _write(path, lines):
+  path.write_text(''.join(line + '\n' for line in lines))
+  return str(path)
+
+
+GOOD = json.dumps({'messages': [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello'}]})
+
+
+@pytest.mark.parametrize('bad,error', [
+    ('{"messages": [', 'bad.jsonl:2: malformed JSON'),
+    ('{"conversation": []}', "bad.jsonl:2: missing field 'messages'"),
+    ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "x"}]}',
+     "bad.jsonl:2: message 1 has unknown role 'bot'"),
+    ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}',
+     'bad.jsonl:2: message 1 is an empty assistant answer'),
+])
+def test_bad_records_name_file_and_line(demo_data, sft_files, tmp_path, bad, error):
+  path = _write(tmp_path / 'bad.jsonl', [GOOD, bad, GOOD])
+  cfg = _config(demo_data, sft_files, train_files=path)
+  with pytest.raises(SFTDataError, match=error):
+    SFTData(cfg.data, SEQ)
+  cfg.data.skip_bad_records = True
+  data = SFTData(cfg.data, SEQ)
+  assert len(data.train_examples) == 2
+  assert data.counts['train_skipped_bad_records'] == 1
+
+
+def test_overlong_examples_are_truncated_or_dropped_and_counted(demo_data, sft_files, tmp_path):
+  long = json.dumps({'messages': [{'role': 'user', 'content': 'Hi'},
+                                  {'role': 'assistant', 'content': 'word ' * 200}]})
+  too_long_prompt = json.dumps({'messages': [{'role': 'user', 'content': 'word ' * 200},
+                                             {'role': 'assistant', 'content': 'ok'}]})
+  path = _write(tmp_path / 'long.jsonl', [GOOD, long, too_long_prompt])
+  data = SFTData(_config(demo_data, sft_files, train_files=path, eval_files='').data, 64)
+  assert data.counts == {'train_truncated': 1, 'train_dropped_overlong_no_answer': 1}
+  assert [len(e[0]) for e in data.train_examples][1] == 64
+  data = SFTData(_config(demo_data, sft_files, train_files=path, eval_files='', overlong='drop').data, 64)
+  assert data.counts == {'train_dropped_overlong': 2} and len(data.train_examples) == 1
+
+
+def test_alpaca_and_prompt_completion_formats(demo_data, sft_files, tmp_path):
+  alpaca = tmp_path / 'alpaca.json'
+  alpaca.write_text(json.dumps([{'instruction': 'Add', 'input': '2 and 3', 'output': '5'},
+                                {'instruction': 'Say hi', 'output': 'hi'}]))
+  data = SFTData(_config(demo_data, sft_files, train_files=str(alpaca), eval_files='', format='alpaca',
+                         chat_template='alpaca').data, SEQ)
+  tok = data.tokenizer
+  ids, mask = data.train_examples[0]
+  assert tok.decode([i for i, m in zip(ids, mask) if m]) == '5'
+  assert 'Add\n\n2 and 3' in tok.decode(ids)
+  pc = _write(tmp_path / 'pc.jsonl', [json.dumps({'q': 'Capital of France?', 'a': 'Paris'})])
+  cfg = _config(demo_data, sft_files, train_files=pc, eval_files='', format='prompt_completion')
+  cfg.data.fields.prompt, cfg.data.fields.completion = 'q', 'a'
+  ids, mask = SFTData(cfg.data, SEQ).train_examples[0]
+  assert tok.decode([i for i, m in zip(ids, mask) if m]) == 'Paris'
+
+
+def _model_and_batch(demo_data, sft_files):
+  data = SFTData(_config(demo_data, sft_files).data, SEQ)
+  batch = next(data.train_iterator(0, 1, 8))
+  model = Transformer(ModelConfig(**SMALL_MODEL, dtype='float32'))
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+  params = jax.tree.map(lambda x: x.value, params, is_leaf=lambda x: hasattr(x, 'value'))
+  return model, params, batch
+
+
+def test_prompt_targets_carry_no_gradient(demo_data, sft_files):
+  model, params, batch = _model_and_batch(demo_data, sft_files)
+  weights = batch['loss_weights']
+  assert 0 < weights.sum() < (batch['segment_ids'] > 0).sum()  # some tokens trained, not all
+
+  @jax.jit
+  def loss_and_grads(b):
+    f = lambda p: (lambda s: s['ce'] / s['weight'])(step_lib.loss_sums(model, p, b))
+    return jax.value_and_grad(f)(params)
+
+  base_loss, base_grads = loss_and_grads(batch)
+  prompt_only = {**batch, 'targets': np.where(weights == 0, (batch['targets'] + 17) % 512, batch['targets'])}
+  loss, grads = loss_and_grads(prompt_only)
+  assert float(loss) == float(base_loss)
+  for a, b in zip(jax.tree.leaves(base_grads), jax.tree.leaves(grads)):
+    np.testing.assert_array_equal(a, b)
+  answer = {**batch, 'targets': np.where(weights > 0, (batch['targets'] + 17) % 512, batch['targets'])}
+  assert abs(float(loss_and_grads(answer)[0]) - float(base_loss)) > 1e-3
+
+
+def test_packed_examples_do_not_see_each_other(demo_data, sft_files):
+  model, params, batch = _model_and_batch(demo_data, sft_files)
+  row = int(np.argmax(batch['segment_ids'].max(axis=1)))
+  segments = batch['segment_ids'][row]
+  assert segments.max() >= 2  # several examples share the row
+  apply = jax.jit(model.apply)
+  packed = apply({'params': params}, batch['inputs'][row:row + 1], segments[None],
+                 batch['positions'][row:row + 1])[0]
+  for seg in sorted({2, int(segments.max())}):
+    where = segments == seg
+    assert batch['positions'][row][where][0] == 0
+    alone = apply({'params': params}, batch['inputs'][row][where][None])[0]
+    np.testing.assert_allclose(packed[where], alone, atol=1e-5)
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
+
+
+@pytest.fixture(scope='module')
+def pretrained(demo_data, sft_files, tmp_path_factory):
+  """A short pretraining run to start instruction tuning from."""
+  from data.pretrain import PretrainData  # pylint: disable=import-outside-toplevel
+  pre = _config(demo_data, sft_files)
+  pre.data.update(dict(format='jsonl', train_files=demo_data['train'], eval_files=''))
+  pre.train.steps = 2
+  workdir = str(tmp_path_factory.mktemp('pretrained'))
+  loop.train(pre, workdir, PretrainData(pre.data, SEQ))
+  return workdir
+
+
+def test_sft_from_checkpoint_resumes_exactly(demo_data, sft_files, pretrained, tmp_path):
+  def sft(workdir, steps):
+    c = _config(demo_data, sft_files)
+    c.train.steps = steps
+    c.init_from = pretrained
+    return loop.train(c, workdir, SFTData(c.data, SEQ), init_params=params_from_checkpoint(c.init_from))
+
+  straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
+  sft(straight, 6)
+  sft(interrupted, 4)
+  sft(interrupted, 6)
+  a, b = _losses(straight), _losses(interrupted)
+  assert sorted(a) == sorted(b) == list(range(1, 7))
+  np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-6)
+  # Held-out loss on answer tokens, every eval_every steps and at the end, in a JSON file.
+  with open(os.path.join(straight, 'eval_results.json')) as f:
+    evals = json.load(f)
+  assert [e['step'] for e in evals] == [3, 6] and all(e['eval_perplexity'] > 1 for e in evals)
+  with open(os.path.join(interrupted, 'eval_results.json')) as f:
+    assert [e['step'] for e in json.load(f)] == [3, 4, 6]
+  # Starting parameters are the pretraining run's, not a random init.
+  run = loop.Run(_config(demo_data, sft_files))
+  start = checkpoint.load_params(pretrained, run.abstract_state().params)
+  fresh = params_from_checkpoint(pretrained)(run)
+  for x, y in zip(jax.tree.leaves(start), jax.tree.leaves(fresh)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_init_from_a_different_model_is_an_error(demo_data, sft_files, pretrained):
+  other = _config(demo_data, sft_files)
+  other.model.mlp_dim = 256
+  with pytest.raises(validate.ConfigError, match=r'model.mlp_dim: checkpoint 128, config 256'):
+    params_from_checkpoint(pretrained)(loop.Run(other))
