@@ -30,11 +30,14 @@ def get_config() -> ml_collections.ConfigDict:
       eval_every=200,        # 0: only at the end
       eval_at_start=True,    # held-out loss before the first update
       eval_max_batches=20,   # per evaluation, per host
+      max_consecutive_skips=10,  # stop after this many steps in a row with a non-finite loss/grad
+      override_workdir_config=False,  # resume a workdir even if its run used another config
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=3e-4, warmup_steps=100, decay_steps=0,  # decay_steps 0: decay until train.steps
       min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0,
+      state_dtype='',        # dtype of Adam's moments ('' = the parameters'; 'bfloat16' halves them)
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
@@ -53,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
       add_eos=True,
       shuffle_buffer=1000,   # documents
       seed=0,
+      invalid_utf8='error',  # error (naming file and byte offset) | replace (and count)
+      max_record_bytes=16 << 20,  # a larger record (line, or file in "files" format) is bad input
+      skip_bad_records=False,  # False: stop at the first bad record; True: skip and count them
       # Instruction tuning (train.sft) only:
       chat_template='llama2',  # llama2 | llama3 | chatml | mistral | alpaca (data/chat.py)
       fields=ml_collections.ConfigDict(dict(  # field names in the records
@@ -60,7 +66,6 @@ def get_config() -> ml_collections.ConfigDict:
           role='role', content='content', prompt='prompt', completion='completion')),
       packing=True,          # several examples per row; False: one example per row, padded
       overlong='truncate',   # examples longer than seq_len: truncate | drop (counted either way)
-      skip_bad_records=False,  # False: stop at the first bad record; True: skip and count them
       eval_fraction=0.0,     # without eval_files, hold out this share of train records
   ))
 

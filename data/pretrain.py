@@ -17,10 +17,15 @@ class PretrainData:
     self.config = data_config
     self.seq_len = seq_len
     self.tokenizer = load_tokenizer(data_config.tokenizer)
+    self.counters = sources.Counters()
 
   @property
   def vocab_size(self) -> int:
     return self.tokenizer.vocab_size
+
+  def stats(self) -> dict[str, int]:
+    """Records skipped or repaired so far by this host (since the process started)."""
+    return self.counters.snapshot()
 
   def _texts_to_ids(self, texts: list[bytes]) -> list[list[int]]:
     ids = self.tokenizer.encode_batch([t.decode('utf-8') for t in texts])
@@ -36,7 +41,9 @@ class PretrainData:
         shard_index=shard_index, shard_count=shard_count, seed=cfg.seed if train else None,
         repeat=train, tfds_name=cfg.tfds_name,
         tfds_split=cfg.tfds_train_split if train else cfg.tfds_eval_split,
-        tfds_data_dir=cfg.tfds_data_dir or None)
+        tfds_data_dir=cfg.tfds_data_dir or None, utf8=cfg.invalid_utf8,
+        max_record_bytes=cfg.max_record_bytes, skip_bad_records=cfg.skip_bad_records,
+        counters=self.counters)
     if train and cfg.shuffle_buffer > 1:
       docs = docs.shuffle(cfg.shuffle_buffer, seed=cfg.seed, reshuffle_each_iteration=True)
     rows = packing.concat_and_split(packing.token_chunks(self._texts_to_ids, docs), self.seq_len,

@@ -1,12 +1,41 @@
-"""Where documents come from: local or gs:// files (plain text or JSONL) and TFDS, sharded per host."""
+"""Where documents come from: local or gs:// files (plain text or JSONL) and TFDS, sharded per host.
 
+Every record travels with its provenance (file, line, byte offset) to one cleaning step, so that a
+bad record is reported by name: invalid UTF-8 (an error, or replaced and counted), a malformed JSONL
+line or missing field, a record over `max_record_bytes`. Empty and whitespace-only documents are
+skipped and counted. Counts live in a `Counters` object that the trainer logs.
+"""
+
+import collections
 import json
+import threading
 from typing import Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 FORMATS = ('lines', 'files', 'jsonl', 'tfds')
+UTF8_POLICIES = ('error', 'replace')
+
+
+class BadRecord(ValueError):
+  pass
+
+
+class Counters:
+  """Thread-safe counts of skipped or repaired records (tf.data runs Python steps in threads)."""
+
+  def __init__(self):
+    self._counts = collections.Counter()
+    self._lock = threading.Lock()
+
+  def add(self, key: str, n: int = 1):
+    with self._lock:
+      self._counts[key] += n
+
+  def snapshot(self) -> dict[str, int]:
+    with self._lock:
+      return dict(self._counts)
 
 
 def resolve_files(patterns: str | Sequence[str]) -> list[str]:
@@ -21,7 +50,12 @@ def resolve_files(patterns: str | Sequence[str]) -> list[str]:
     if not matched:
       raise FileNotFoundError(f'File pattern {pattern!r} matched no file')
     files.extend(matched)
-  return sorted(set(files))
+  files = sorted(set(files))
+  empty = [f for f in files if tf.io.gfile.stat(f).length == 0]
+  if empty:
+    raise ValueError(f'{len(empty)} empty input file(s): {", ".join(empty[:5])}'
+                     f'{" ..." if len(empty) > 5 else ""}; remove them or fix the pattern')
+  return files
 
 
 def shard_files(files: list[str], shard_index: int, shard_count: int) -> tuple[list[str], bool]:
@@ -35,57 +69,93 @@ def shard_files(files: list[str], shard_index: int, shard_count: int) -> tuple[l
   return files, True
 
 
-def _json_text(path: bytes, line_no: int, line: bytes, text_field: str) -> bytes:
-  where = f'{path.decode()}:{line_no + 1}'
+def record_text(raw: bytes, where: str, offset: int, fmt: str, text_field: str = 'text',
+                utf8: str = 'error', counters: Counters | None = None) -> str:
+  """One raw record -> its document text. `where` names it ('file:line') in errors; `offset` is the
+  record's byte offset in its file (-1 where unknown)."""
   try:
-    record = json.loads(line)
+    text = raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    if utf8 != 'replace':
+      at = f'byte offset {offset + e.start}' if offset >= 0 else f'byte {e.start} of the record'
+      raise BadRecord(f'{where}: invalid UTF-8 at {at} (set config.data.invalid_utf8="replace" to '
+                      'replace and count such bytes)') from None
+    text = raw.decode('utf-8', errors='replace')
+    if counters:
+      counters.add('invalid_utf8_replaced')
+  if fmt != 'jsonl':
+    return text
+  try:
+    record = json.loads(text)
   except json.JSONDecodeError as e:
-    raise ValueError(f'{where}: malformed JSON ({e.msg} at column {e.colno})') from None
+    raise BadRecord(f'{where}: malformed JSON ({e.msg} at column {e.colno})') from None
   if not isinstance(record, dict) or text_field not in record:
-    raise ValueError(f'{where}: JSON record has no {text_field!r} field '
-                     f'(set config.data.text_field); keys: {sorted(record) if isinstance(record, dict) else type(record).__name__}')
-  text = record[text_field]
-  if not isinstance(text, str):
-    raise ValueError(f'{where}: field {text_field!r} must be a string, got {type(text).__name__}')
-  return text.encode('utf-8')
+    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise BadRecord(f'{where}: JSON record has no {text_field!r} field (set config.data.text_field); '
+                    f'keys: {keys}')
+  if not isinstance(record[text_field], str):
+    raise BadRecord(f'{where}: field {text_field!r} must be a string, got '
+                    f'{type(record[text_field]).__name__}')
+  return record[text_field]
 
 
-def _parse_jsonl_batch(text_field: str):
-  def parse(paths, line_nos, lines):
-    return np.array([_json_text(p, int(n), l, text_field) for p, n, l in zip(paths, line_nos, lines)],
-                    dtype=object)
-  return parse
+def _cleaner(fmt, text_field, utf8, max_record_bytes, skip_bad_records, counters):
+  """numpy_function: a batch of (source, line, offset, raw) records -> the documents worth keeping."""
+  def clean(sources, lines, offsets, raws):
+    kept = []
+    for source, line, offset, raw in zip(sources, lines, offsets, raws):
+      where = source.decode() + (f':{line + 1}' if line >= 0 else '')
+      try:
+        if max_record_bytes and len(raw) > max_record_bytes:
+          raise BadRecord(f'{where}: record of {len(raw):,} bytes exceeds config.data.max_record_bytes '
+                          f'({max_record_bytes:,})')
+        text = record_text(raw, where, int(offset), fmt, text_field, utf8, counters)
+      except BadRecord:
+        if not skip_bad_records:
+          raise
+        counters.add('skipped_bad_records')
+        continue
+      if not text.strip():
+        counters.add('skipped_empty_documents')
+        continue
+      kept.append(text.encode('utf-8'))
+    return np.array(kept, dtype=object).reshape([len(kept)])
+  return clean
 
 
-def _read_file(fmt: str, text_field: str):
-  """tf.data function: one file path -> dataset of documents (tf.string)."""
+def _numbered_records(fmt: str):
+  """tf.data function: a file path -> its records as (source, line, byte offset, raw bytes)."""
   def read(path):
     if fmt == 'files':
-      return tf.data.Dataset.from_tensors(tf.io.read_file(path))
-    lines = tf.data.TextLineDataset(path)
-    if fmt == 'lines':
-      return lines
-    numbered = lines.enumerate().map(lambda i, line: (path, i, line))
-    return numbered.batch(256).map(
-        lambda p, i, l: tf.numpy_function(_parse_jsonl_batch(text_field), [p, i, l], tf.string,
-                                          stateful=False)).unbatch()
+      return tf.data.Dataset.from_tensors((path, tf.constant(-1, tf.int64), tf.constant(0, tf.int64),
+                                           tf.io.read_file(path)))
+
+    def number(state, line):
+      index, offset = state
+      return (index + 1, offset + tf.cast(tf.strings.length(line), tf.int64) + 1), (path, index, offset, line)
+    # The offset assumes '\n' line ends (TextLineDataset strips them); it is only used in messages.
+    return tf.data.TextLineDataset(path).scan((tf.constant(0, tf.int64), tf.constant(0, tf.int64)),
+                                              number)
   return read
 
 
 def documents(fmt: str, files: str, *, text_field: str = 'text', shard_index: int = 0,
               shard_count: int = 1, seed: int | None = None, repeat: bool = False,
-              tfds_name: str = '', tfds_split: str = 'train', tfds_data_dir: str | None = None
-              ) -> tf.data.Dataset:
+              tfds_name: str = '', tfds_split: str = 'train', tfds_data_dir: str | None = None,
+              utf8: str = 'error', max_record_bytes: int = 0, skip_bad_records: bool = False,
+              counters: Counters | None = None) -> tf.data.Dataset:
   """A deterministic dataset of document strings for one host. With `seed`, file order is shuffled
-  (anew each epoch); with `repeat`, it never ends. Empty and whitespace-only documents are dropped.
-  """
+  (anew each epoch); with `repeat`, it never ends."""
   if fmt not in FORMATS:
     raise ValueError(f'config.data.format must be one of {FORMATS}, got {fmt!r}')
+  if utf8 not in UTF8_POLICIES:
+    raise ValueError(f'config.data.invalid_utf8 must be one of {UTF8_POLICIES}, got {utf8!r}')
+  counters = counters or Counters()
   if fmt == 'tfds':
-    docs = _tfds_documents(tfds_name, tfds_split, tfds_data_dir, text_field, shard_index, shard_count,
-                           seed)
+    records = _tfds_records(tfds_name, tfds_split, tfds_data_dir, text_field, shard_index,
+                            shard_count, seed)
     if repeat:
-      docs = docs.repeat()
+      records = records.repeat()
   else:
     paths, shard_docs = shard_files(resolve_files(files), shard_index, shard_count)
     file_ds = tf.data.Dataset.from_tensor_slices(paths)
@@ -93,47 +163,57 @@ def documents(fmt: str, files: str, *, text_field: str = 'text', shard_index: in
       file_ds = file_ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     if repeat:
       file_ds = file_ds.repeat()
-    docs = file_ds.interleave(_read_file(fmt, text_field), cycle_length=min(len(paths), 8),
-                              block_length=16, num_parallel_calls=tf.data.AUTOTUNE,
-                              deterministic=True)
+    records = file_ds.interleave(_numbered_records(fmt), cycle_length=min(len(paths), 8),
+                                 block_length=16, num_parallel_calls=tf.data.AUTOTUNE,
+                                 deterministic=True)
     if shard_docs:
-      docs = docs.shard(shard_count, shard_index)
-  return docs.filter(lambda d: tf.strings.length(tf.strings.strip(d)) > 0)
+      records = records.shard(shard_count, shard_index)
+  clean = _cleaner('files' if fmt == 'tfds' else fmt, text_field, utf8, max_record_bytes,
+                   skip_bad_records, counters)
+
+  def clean_batch(source, line, offset, raw):
+    docs = tf.numpy_function(clean, [source, line, offset, raw], tf.string, stateful=False)
+    docs.set_shape([None])
+    return docs
+  return records.batch(256).map(clean_batch).unbatch()
 
 
-def _tfds_documents(name, split, data_dir, text_field, shard_index, shard_count, seed):
+def _tfds_records(name, split, data_dir, text_field, shard_index, shard_count, seed):
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   if not name:
     raise ValueError('config.data.format is "tfds" but config.data.tfds_name is empty')
   builder = tfds.builder(name, data_dir=data_dir or None)
-  host_split = tfds.even_splits(split, n=shard_count, drop_remainder=False)[shard_index]
-  read_config = tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=4)
-  ds = builder.as_dataset(split=host_split, shuffle_files=seed is not None, read_config=read_config)
   features = builder.info.features
   if text_field not in features:
     raise ValueError(f'TFDS dataset {name!r} has no feature {text_field!r} '
                      f'(set config.data.text_field); features: {sorted(features.keys())}')
-  return ds.map(lambda ex: ex[text_field])
+  host_split = tfds.even_splits(split, n=shard_count, drop_remainder=False)[shard_index]
+  read_config = tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=4)
+  ds = builder.as_dataset(split=host_split, shuffle_files=seed is not None, read_config=read_config)
+  source = tf.constant(f'tfds:{name}/{host_split}')
+  return ds.enumerate().map(lambda i, ex: (source, i, tf.constant(-1, tf.int64), ex[text_field]))
 
 
 def iter_texts_python(files: Sequence[str], fmt: str, text_field: str = 'text',
                       max_chars: int | None = None) -> Iterator[str]:
-  """Plain-Python document reader (for tokenizer training), same formats as `documents`."""
+  """Plain-Python document reader (for tokenizer training), same formats and checks as `documents`."""
   if fmt not in ('lines', 'files', 'jsonl'):
     raise ValueError(f'format must be lines, files or jsonl, got {fmt!r}')
   total = 0
   for path in files:
     with tf.io.gfile.GFile(path, 'rb') as f:
-      if fmt == 'files':
-        texts = [f.read().decode('utf-8')]
-      else:
-        texts = (line.decode('utf-8') if fmt == 'lines'
-                 else _json_text(path.encode(), n, line, text_field).decode('utf-8')
-                 for n, line in enumerate(f))
-      for text in texts:
+      for where, raw, offset in ([(path, f.read(), 0)] if fmt == 'files' else _lines(f, path)):
+        text = record_text(raw, where, offset, fmt, text_field)
         if not text.strip():
           continue
         yield text
         total += len(text)
         if max_chars and total >= max_chars:
           return
+
+
+def _lines(f, path) -> Iterator[tuple[str, bytes, int]]:
+  offset = 0
+  for n, line in enumerate(f):
+    yield f'{path}:{n + 1}', line.rstrip(b'\n'), offset
+    offset += len(line)

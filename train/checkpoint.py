@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from model import ModelConfig
@@ -60,6 +61,7 @@ class Checkpointer:
                model_config: ModelConfig | None = None):
     self.directory = epath.Path(directory)
     self._model_config = model_config
+    self.incomplete = report_incomplete(self.directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -94,6 +96,24 @@ class Checkpointer:
     self._manager.close()
 
 
+TMP_MARK = '.orbax-checkpoint-tmp'
+
+
+def report_incomplete(directory: epath.Path) -> list[str]:
+  """Names of step folders that an interrupted save left unfinished. They are never restored (orbax
+  only lists finalized steps) and are removed here so that the step can be saved again."""
+  if not directory.exists():
+    return []
+  names = sorted(p.name for p in directory.iterdir() if TMP_MARK in p.name)
+  if names and jax.process_index() == 0:
+    logging.warning('Found %d incomplete checkpoint(s) from an interrupted save in %s: %s. They are '
+                    'ignored and removed; resuming from the latest complete checkpoint.', len(names),
+                    directory, ', '.join(names))
+    for name in names:
+      (directory / name).rmtree()
+  return names
+
+
 def resolve_step_dir(path: str) -> epath.Path:
   """A step folder from a workdir (its latest step), a checkpoints folder, or a step folder itself."""
   p = epath.Path(path)
@@ -101,7 +121,8 @@ def resolve_step_dir(path: str) -> epath.Path:
     return p
   for root in (p / 'checkpoints', p):
     if root.exists():
-      steps = sorted(int(c.name) for c in root.iterdir() if c.name.isdigit() and (c / 'state').exists())
+      steps = sorted(int(c.name) for c in root.iterdir()
+                     if c.name.isdigit() and (c / 'state').exists() and TMP_MARK not in c.name)
       if steps:
         return root / str(steps[-1])
   raise FileNotFoundError(f'No checkpoint at {path}: expected a workdir, its checkpoints/ folder, or '

@@ -21,6 +21,7 @@ from model import ModelConfig, Transformer
 from train import checkpoint as checkpoint_lib
 from train import metrics as metrics_lib
 from train import optimizer as optimizer_lib
+from train import preemption
 from train import sharding as sharding_lib
 from train import state as state_lib
 from train import step as step_lib
@@ -123,6 +124,167 @@ def _format_line(step: int, total: int, m: dict[str, float]) -> str:
   return ' | '.join(parts)
 
 
+class TrainingDiverged(RuntimeError):
+  pass
+
+
+class Trainer:
+  """One training run: state, input iterators, checkpointer and metric writer, built in that order
+  from the config, then `fit()` to step until `config.train.steps` or a stop signal."""
+
+  def __init__(self, config: Any, workdir: str, data: DataSource,
+               init_params: Callable[[Run], Any] | None = None):
+    quiet_library_logs()
+    sharding_lib.maybe_initialize_distributed(**config.distributed)
+    self.config, self.workdir, self.data = config, workdir, data
+    self.run = run = Run(config, tokenizer_vocab=data.vocab_size)
+    self.primary = jax.process_index() == 0
+    self.ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint.keep,
+                                            config.checkpoint.async_save, run.model_config)
+    self.resumed_from = self.ckpt.latest_step()
+    validate.check_workdir(config, workdir, self.resumed_from is not None)
+    if self.primary:
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+        f.write(config.to_json_best_effort(indent=2))
+    self.writer = metrics_lib.MetricWriter(workdir, enabled=self.primary)
+
+    tcfg = config.train
+    shard_index, shard_count, local_batch = sharding_lib.data_shard(run.batch_sharding, tcfg.batch_size)
+    self.train_iter = data.train_iterator(shard_index, shard_count, local_batch)
+    self.eval_batches = _equalize_eval_batches(
+        data.eval_batches(shard_index, shard_count, local_batch, tcfg.eval_max_batches), local_batch)
+
+    if self.resumed_from is not None:
+      self.state, data_state = self.ckpt.restore(self.resumed_from, run.abstract_state())
+      if data_state is None:
+        logging.warning('Checkpoint %d has no input-pipeline position; data restarts from the '
+                        'beginning', self.resumed_from)
+      else:
+        self.train_iter.set_state(data_state)
+      logging.info('Resumed from %s at step %d', self.ckpt.directory, self.resumed_from)
+    else:
+      params = init_params(run) if init_params else None
+      self.state = state_lib.init_state(run.model, run.tx, run.mesh, tcfg.seed, params)
+    n_params = sum(x.size for x in jax.tree.leaves(self.state.params))
+    logging.info('Model: %s parameters; mesh %s; %d process(es), %d device(s); local batch %d x %d',
+                 f'{n_params:,}', dict(run.mesh.shape), jax.process_count(), jax.device_count(),
+                 local_batch, tcfg.seq_len)
+
+    self.train_step, self.eval_step = run.train_step(), run.eval_step()
+    self.flops_per_step = metrics_lib.train_flops_per_token(run.model_config, tcfg.seq_len) * (
+        tcfg.batch_size * tcfg.seq_len)
+    self.peak = metrics_lib.peak_tflops()
+    self.last: dict[str, float] = {}
+    self.eval_history: list[dict] = []
+
+  # -- pieces of a step ---------------------------------------------------------------------------
+
+  def evaluate(self, step: int):
+    if not self.eval_batches:
+      return
+    result = evaluate(self.run, self.eval_step, self.state.params, self.eval_batches)
+    self.writer.write(step, result)
+    self.last.update(result)
+    self.eval_history.append({'step': step, **result})
+    if self.primary:
+      _write_json(os.path.join(self.workdir, 'eval_results.json'), self.eval_history,
+                  append_to_existing=True)
+      logging.info('eval at step %d: loss %.4f | perplexity %.2f | %d tokens', step,
+                   result['eval_loss'], result['eval_perplexity'], result['eval_tokens'])
+
+  def log(self, step: int, fetched: list[dict], seconds_per_step: float | None):
+    tcfg = self.config.train
+    m = {k: float(np.mean([f[k] for f in fetched])) for k in fetched[0]}
+    for k in ('tokens', 'skipped'):
+      if k in m:
+        m[k] = float(np.sum([f[k] for f in fetched]))
+    if seconds_per_step:
+      m['step_time_ms'] = 1000 * seconds_per_step
+      m['tokens_per_sec'] = tcfg.batch_size * tcfg.seq_len / seconds_per_step
+      m['tflops_per_device'] = self.flops_per_step / seconds_per_step / jax.device_count() / 1e12
+      if self.peak:
+        m['mfu'] = m['tflops_per_device'] / self.peak
+    stats = getattr(self.data, 'stats', None)
+    if stats:
+      m.update({f'data/{k}': float(v) for k, v in stats().items()})
+    self.writer.write(step, m)
+    self.last.update(m)
+    if self.primary:
+      logging.info(_format_line(step, tcfg.steps, m))
+
+  def save(self, step: int):
+    self.ckpt.save(step, self.state, self.train_iter.get_state())
+
+  # -- the loop -----------------------------------------------------------------------------------
+
+  def fit(self) -> dict[str, float]:
+    """Trains to `config.train.steps`, or to the step at which a stop signal was agreed."""
+    tcfg = self.config.train
+    step = int(jax.device_get(self.state.step))
+    if step == 0 and tcfg.eval_at_start:
+      self.evaluate(0)
+    # Timing windows start after the first step, whose time is mostly compilation.
+    pending, window_start, window_steps = [], None, 0
+    consecutive_skips, last_saved = 0, self.resumed_from
+    stopped_by = None
+    with preemption.StopRequest() as stop:
+      while step < tcfg.steps:
+        batch = self.run.global_batch(next(self.train_iter))
+        self.state, step_metrics = self.train_step(self.state, batch)
+        step += 1
+        pending.append(step_metrics)
+        if window_start is None:
+          jax.block_until_ready(step_metrics)
+          logging.info('First step (with compilation) done')
+          window_start = time.perf_counter()
+        else:
+          window_steps += 1
+
+        if 'skipped' in step_metrics:
+          if int(jax.device_get(step_metrics['skipped'])):
+            consecutive_skips += 1
+            logging.warning('step %d: non-finite loss or gradient (loss %s); update skipped (%d in '
+                            'a row)', step, float(jax.device_get(step_metrics['loss'])), consecutive_skips)
+            if consecutive_skips > tcfg.max_consecutive_skips:
+              self.ckpt.wait()
+              raise TrainingDiverged(
+                  f'{consecutive_skips} consecutive steps (up to step {step}) had a non-finite loss or '
+                  f'gradient (train.max_consecutive_skips = {tcfg.max_consecutive_skips}). The last '
+                  f'checkpoint, step {last_saved}, is intact. Lower optimizer.lr, raise warmup, or '
+                  'check the data around these steps before resuming.')
+          else:
+            consecutive_skips = 0
+
+        if step % tcfg.log_every == 0 or step == tcfg.steps:
+          fetched = jax.device_get(pending)
+          self.log(step, fetched,
+                   (time.perf_counter() - window_start) / window_steps if window_steps else None)
+          pending, window_start, window_steps = [], time.perf_counter(), 0
+        if tcfg.eval_every and step % tcfg.eval_every == 0 and step != tcfg.steps:
+          self.evaluate(step)
+        stopping = stop.should_stop()
+        if step % self.config.checkpoint.every_steps == 0 or step == tcfg.steps or stopping:
+          self.save(step)
+          last_saved = step
+        if stopping:
+          stopped_by = stop.signal_name or 'a signal on another host'
+          break
+
+    if stopped_by is None and (self.resumed_from is None or self.resumed_from < tcfg.steps):
+      self.evaluate(step)
+    self.ckpt.wait()
+    self.ckpt.close()
+    self.writer.close()
+    if stopped_by:
+      logging.warning('Stopped at step %d (%s); checkpoint saved in %s. Run the same command to '
+                      'resume.', step, stopped_by, self.ckpt.directory)
+      self.last['stopped_at'] = step
+    if self.primary:
+      _write_json(os.path.join(self.workdir, 'final_metrics.json'), {'step': step, **self.last})
+    return self.last
+
+
 def train(config: Any, workdir: str, data: DataSource,
           init_params: Callable[[Run], Any] | None = None) -> dict[str, float]:
   """Trains to `config.train.steps`, resuming from `workdir` if it holds checkpoints.
@@ -130,110 +292,7 @@ def train(config: Any, workdir: str, data: DataSource,
   `init_params(run)` supplies starting parameters for a fresh run (fine-tuning); a fresh optimizer
   state is built around them. Returns the last logged metrics.
   """
-  quiet_library_logs()
-  sharding_lib.maybe_initialize_distributed(**config.distributed)
-  run = Run(config, tokenizer_vocab=data.vocab_size)
-  tcfg = config.train
-  primary = jax.process_index() == 0
-  if primary:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=2))
-  writer = metrics_lib.MetricWriter(workdir, enabled=primary)
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint.keep,
-                                     config.checkpoint.async_save, run.model_config)
-
-  shard_index, shard_count, local_batch = sharding_lib.data_shard(run.batch_sharding, tcfg.batch_size)
-  train_iter = data.train_iterator(shard_index, shard_count, local_batch)
-  eval_batches = _equalize_eval_batches(
-      data.eval_batches(shard_index, shard_count, local_batch, tcfg.eval_max_batches), local_batch)
-
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, data_state = ckpt.restore(latest, run.abstract_state())
-    if data_state is None:
-      logging.warning('Checkpoint %d has no input-pipeline position; data restarts from the beginning',
-                      latest)
-    else:
-      train_iter.set_state(data_state)
-    logging.info('Resumed from %s at step %d', ckpt.directory, latest)
-  else:
-    params = init_params(run) if init_params else None
-    state = state_lib.init_state(run.model, run.tx, run.mesh, tcfg.seed, params)
-
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info('Model: %s parameters; mesh %s; %d process(es), %d device(s); local batch %d x %d',
-               f'{n_params:,}', dict(run.mesh.shape), jax.process_count(), jax.device_count(),
-               local_batch, tcfg.seq_len)
-
-  train_step, eval_step = run.train_step(), run.eval_step()
-  flops_per_step = metrics_lib.train_flops_per_token(run.model_config, tcfg.seq_len) * (
-      tcfg.batch_size * tcfg.seq_len)
-  peak = metrics_lib.peak_tflops()
-  step = int(jax.device_get(state.step))
-  last: dict[str, float] = {}
-
-  eval_history = []
-
-  def run_eval(at_step):
-    if not eval_batches:
-      return
-    result = evaluate(run, eval_step, state.params, eval_batches)
-    writer.write(at_step, result)
-    last.update(result)
-    eval_history.append({'step': at_step, **result})
-    if primary:
-      _write_json(os.path.join(workdir, 'eval_results.json'), eval_history, append_to_existing=True)
-      logging.info('eval at step %d: loss %.4f | perplexity %.2f | %d tokens', at_step,
-                   result['eval_loss'], result['eval_perplexity'], result['eval_tokens'])
-
-  if step == 0 and tcfg.eval_at_start:
-    run_eval(0)
-
-  # Timing windows start after the first step, whose time is mostly compilation.
-  pending, window_start, window_steps = [], None, 0
-  while step < tcfg.steps:
-    batch = run.global_batch(next(train_iter))
-    state, step_metrics = train_step(state, batch)
-    step += 1
-    pending.append(step_metrics)
-    if window_start is None:
-      jax.block_until_ready(step_metrics)
-      logging.info('First step (with compilation) done')
-      window_start = time.perf_counter()
-    else:
-      window_steps += 1
-
-    if step % tcfg.log_every == 0 or step == tcfg.steps:
-      fetched = jax.device_get(pending)
-      m = {k: float(np.mean([f[k] for f in fetched])) for k in fetched[0]}
-      m['tokens'] = float(np.sum([f['tokens'] for f in fetched]))
-      if window_steps:
-        step_time = (time.perf_counter() - window_start) / window_steps
-        m['step_time_ms'] = 1000 * step_time
-        m['tokens_per_sec'] = tcfg.batch_size * tcfg.seq_len / step_time
-        m['tflops_per_device'] = flops_per_step / step_time / jax.device_count() / 1e12
-        if peak:
-          m['mfu'] = m['tflops_per_device'] / peak
-      writer.write(step, m)
-      last.update(m)
-      if primary:
-        logging.info(_format_line(step, tcfg.steps, m))
-      pending, window_start, window_steps = [], time.perf_counter(), 0
-
-    if tcfg.eval_every and step % tcfg.eval_every == 0 and step != tcfg.steps:
-      run_eval(step)
-    if step % config.checkpoint.every_steps == 0 or step == tcfg.steps:
-      ckpt.save(step, state, train_iter.get_state())
-
-  if latest is None or latest < tcfg.steps:
-    run_eval(step)
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
-  if primary:
-    _write_json(os.path.join(workdir, 'final_metrics.json'), {'step': step, **last})
-  return last
+  return Trainer(config, workdir, data, init_params).fit()
 
 
 def _write_json(path: str, value, append_to_existing: bool = False):
