@@ -22,6 +22,7 @@ memory flat. No TensorFlow and no torch are imported.
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -93,14 +94,21 @@ class SafetensorsReader:
     """Tensor names sorted by file and offset, so that reading them in turn reads each file once."""
     return sorted(self.entries, key=lambda k: (self.entries[k].file, self.entries[k].begin))
 
-  def read(self, name: str) -> np.ndarray:
+  def read(self, name: str, rows: slice = slice(None)) -> np.ndarray:
+    """The tensor, or a contiguous range of its rows (axis 0)."""
     e = self.entries[name]
+    if e.end - e.begin != math.prod(e.shape) * e.dtype.itemsize:
+      raise ValueError(f'{e.file}: tensor {name} has {e.end - e.begin} bytes, its shape {e.shape} needs '
+                       f'{math.prod(e.shape) * e.dtype.itemsize}')
+    start, stop, _ = rows.indices(e.shape[0]) if e.shape else (0, 1, 1)
+    row_items = math.prod(e.shape[1:])
+    count = (stop - start) * row_items
     with open(e.file, 'rb') as f:
-      f.seek(e.begin)
-      out = np.fromfile(f, dtype=e.dtype, count=math.prod(e.shape))
-    if out.nbytes != e.end - e.begin:
-      raise ValueError(f'{e.file}: tensor {name} is truncated ({out.nbytes} of {e.end - e.begin} bytes)')
-    return out.reshape(e.shape)
+      f.seek(e.begin + start * row_items * e.dtype.itemsize)
+      out = np.fromfile(f, dtype=e.dtype, count=count)
+    if out.size != count:
+      raise ValueError(f'{e.file}: tensor {name} is truncated')
+    return out.reshape((stop - start, *e.shape[1:]) if e.shape else ())
 
 
 def _read_header(path: str) -> dict[str, _Entry]:
@@ -121,8 +129,10 @@ def _read_header(path: str) -> dict[str, _Entry]:
   return entries
 
 
-def write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...], np.dtype, Callable[[], Any]]]):
-  """Writes `(name, shape, dtype, make)` tensors, calling each `make()` only when its turn comes."""
+def write_safetensors(path: str,
+                      tensors: list[tuple[str, tuple[int, ...], np.dtype, Callable[[], Iterator[np.ndarray]]]]):
+  """Writes `(name, shape, dtype, blocks)` tensors; `blocks()` yields the tensor's rows in order, in
+  blocks of any size, and is called only when the tensor's turn comes (memory stays flat)."""
   header, offset = {'__metadata__': {'format': 'pt'}}, 0
   for name, shape, dtype, _ in tensors:
     nbytes = math.prod(shape) * dtype.itemsize
@@ -133,12 +143,14 @@ def write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...], np.dt
   tmp = path + '.tmp'
   with open(tmp, 'wb') as f:
     f.write(struct.pack('<Q', len(blob)) + blob)
-    for name, shape, dtype, make in tensors:
-      array = np.ascontiguousarray(make(), dtype=dtype)
-      if array.shape != tuple(shape):
-        raise AssertionError(f'{name}: produced shape {array.shape}, declared {shape}')
-      f.write(array.reshape(-1).view(np.uint8).data)
-      del array
+    for name, shape, dtype, blocks in tensors:
+      written = 0
+      for block in blocks():
+        block = np.ascontiguousarray(block, dtype=dtype)
+        f.write(block.reshape(-1).view(np.uint8).data)
+        written += block.size
+      if written != math.prod(shape):
+        raise AssertionError(f'{name}: wrote {written} values, declared shape {shape}')
   os.replace(tmp, path)
 
 
@@ -287,56 +299,63 @@ def config_to_hf(cfg: ModelConfig, arch: str, dtype: str, bos_id: int | None = N
 
 @dataclasses.dataclass(frozen=True)
 class _Param:
+  """One parameter. Every layout change is "maybe transpose HF's 2-D matrix, then reshape": e.g. HF
+  q_proj.weight [N*H, D] -> transpose [D, N*H] -> ours [D, N, H]."""
   path: tuple[str, ...]           # ours, e.g. ('layers', 'attn', 'q_proj'); stacked over layers if layered
   hf_name: str                    # e.g. 'model.layers.{}.self_attn.q_proj.weight'
   hf_shape: tuple[int, ...]
   shape: tuple[int, ...]          # ours, for one layer
-  to_ours: Callable[[np.ndarray], np.ndarray]
-  to_hf: Callable[[np.ndarray], np.ndarray]
+  transposed: bool = False
 
   @property
   def layered(self) -> bool:
     return '{}' in self.hf_name
 
+  def as_hf(self, ours: np.ndarray) -> np.ndarray:
+    """A view of our array as HF's matrix when not transposed, else as the transpose of HF's matrix."""
+    return ours.reshape(self.hf_shape[::-1] if self.transposed else self.hf_shape)
+
+  def row_blocks(self, max_bytes: int, itemsize: int) -> Iterator[slice]:
+    """Slices of HF rows (axis 0) of at most ~max_bytes each, to convert big matrices piecewise."""
+    rows = self.hf_shape[0]
+    step = max(1, max_bytes // max(1, math.prod(self.hf_shape[1:]) * itemsize))
+    return (slice(r, min(r + step, rows)) for r in range(0, rows, step))
+
 
 def param_map(cfg: ModelConfig) -> list[_Param]:
-  """Every parameter: our path, the HF tensor name and shape, and the layout changes both ways."""
+  """Every parameter: our path, the HF tensor name and shape, and our shape."""
   d, n, k, h, f, v = (cfg.embed_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim,
                       cfg.vocab_size)
-  same = lambda x: x
-  t = lambda x: x.T
-  heads_in = lambda heads: (lambda w: w.T.reshape(d, heads, h), lambda x: x.reshape(d, heads * h).T)
   layer = 'model.layers.{}.'
+  attn, mlp = layer + 'self_attn.', layer + 'mlp.'
   out = [
-      _Param(('token_embed',), 'model.embed_tokens.weight', (v, d), (v, d), same, same),
-      _Param(('final_norm', 'scale'), 'model.norm.weight', (d,), (d,), same, same),
-      _Param(('layers', 'attn_norm', 'scale'), layer + 'input_layernorm.weight', (d,), (d,), same, same),
-      _Param(('layers', 'mlp_norm', 'scale'), layer + 'post_attention_layernorm.weight', (d,), (d,),
-             same, same),
-      _Param(('layers', 'attn', 'q_proj'), layer + 'self_attn.q_proj.weight', (n * h, d), (d, n, h),
-             *heads_in(n)),
-      _Param(('layers', 'attn', 'k_proj'), layer + 'self_attn.k_proj.weight', (k * h, d), (d, k, h),
-             *heads_in(k)),
-      _Param(('layers', 'attn', 'v_proj'), layer + 'self_attn.v_proj.weight', (k * h, d), (d, k, h),
-             *heads_in(k)),
-      _Param(('layers', 'attn', 'o_proj'), layer + 'self_attn.o_proj.weight', (d, n * h), (n, h, d),
-             lambda w: w.T.reshape(n, h, d), lambda x: x.reshape(n * h, d).T),
-      _Param(('layers', 'mlp', 'gate_proj'), layer + 'mlp.gate_proj.weight', (f, d), (d, f), t, t),
-      _Param(('layers', 'mlp', 'up_proj'), layer + 'mlp.up_proj.weight', (f, d), (d, f), t, t),
-      _Param(('layers', 'mlp', 'down_proj'), layer + 'mlp.down_proj.weight', (d, f), (f, d), t, t),
+      _Param(('token_embed',), 'model.embed_tokens.weight', (v, d), (v, d)),
+      _Param(('final_norm', 'scale'), 'model.norm.weight', (d,), (d,)),
+      _Param(('layers', 'attn_norm', 'scale'), layer + 'input_layernorm.weight', (d,), (d,)),
+      _Param(('layers', 'mlp_norm', 'scale'), layer + 'post_attention_layernorm.weight', (d,), (d,)),
+      _Param(('layers', 'attn', 'q_proj'), attn + 'q_proj.weight', (n * h, d), (d, n, h), True),
+      _Param(('layers', 'attn', 'k_proj'), attn + 'k_proj.weight', (k * h, d), (d, k, h), True),
+      _Param(('layers', 'attn', 'v_proj'), attn + 'v_proj.weight', (k * h, d), (d, k, h), True),
+      _Param(('layers', 'attn', 'o_proj'), attn + 'o_proj.weight', (d, n * h), (n, h, d), True),
+      _Param(('layers', 'mlp', 'gate_proj'), mlp + 'gate_proj.weight', (f, d), (d, f), True),
+      _Param(('layers', 'mlp', 'up_proj'), mlp + 'up_proj.weight', (f, d), (d, f), True),
+      _Param(('layers', 'mlp', 'down_proj'), mlp + 'down_proj.weight', (d, f), (f, d), True),
   ]
   if cfg.qkv_bias:
-    for name, heads in (('q', n), ('k', k), ('v', k)):
-      out.append(_Param(('layers', 'attn', f'{name}_bias'), layer + f'self_attn.{name}_proj.bias',
-                        (heads * h,), (heads, h), lambda b, heads=heads: b.reshape(heads, h),
-                        lambda x, heads=heads: x.reshape(heads * h)))
+    out += [_Param(('layers', 'attn', f'{x}_bias'), attn + f'{x}_proj.bias', (heads * h,), (heads, h))
+            for x, heads in (('q', n), ('k', k), ('v', k))]
   if not cfg.tie_embeddings:
-    out.append(_Param(('unembed',), 'lm_head.weight', (v, d), (d, v), t, t))
+    out.append(_Param(('unembed',), 'lm_head.weight', (v, d), (d, v), True))
   return out
 
 
 # HF tensors that carry no weights of the model (recomputed buffers).
 _IGNORED = re.compile(r'.*rotary_emb\.inv_freq$')
+
+
+# Big matrices are converted in blocks of HF rows of about this size, so that no full-size temporary
+# exists besides the destination.
+_BLOCK_BYTES = 64 * 2**20
 
 
 def _our_shape(p: _Param, cfg: ModelConfig) -> tuple[int, ...]:
@@ -359,15 +378,6 @@ def _unstack_layers(tree: dict, n_layers: int) -> dict:
   stacked = tree.pop('layers')
   for i in range(n_layers):
     tree[f'layers_{i}'] = jax.tree.map(lambda x, i=i: x[i], stacked)
-  return tree
-
-
-def _stack_layers(tree: dict, n_layers: int) -> dict:
-  if 'layers' in tree:
-    return tree
-  tree = dict(tree)
-  layers = [tree.pop(f'layers_{i}') for i in range(n_layers)]
-  tree['layers'] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
   return tree
 
 
@@ -407,14 +417,21 @@ def load_hf_params(hf_dir: str, cfg: ModelConfig, dtype: np.dtype, log=print) ->
     have = reader.entries[name].shape
     if have != p.hf_shape:
       raise ValueError(f'{hf_dir}: {name} has shape {have}, config.json implies {p.hf_shape}')
-    w = reader.read(name)
-    dest = arrays[p.path] if i is None else arrays[p.path][i]
-    dest[...] = p.to_ours(w)  # one strided copy with the cast; no full-size temporary
-    del w
+    dest = p.as_hf(arrays[p.path] if i is None else arrays[p.path][i])
+    # Block by block (bounded temporary memory), each one strided copy with the cast.
+    for rows in p.row_blocks(_BLOCK_BYTES, reader.entries[name].dtype.itemsize):
+      block = reader.read(name, rows)
+      if p.transposed:
+        dest[:, rows] = block.T
+      else:
+        dest[rows] = block
+      del block
     done += 1
     if log and done % 100 == 0:
       log(f'  {done}/{len(by_name)} tensors ({time.time() - start:.0f} s)')
-  if tied_copy and not np.array_equal(reader.read('lm_head.weight').astype(dtype), arrays[('token_embed',)]):
+  embed = arrays[('token_embed',)]
+  if tied_copy and not all(np.array_equal(reader.read('lm_head.weight', rows).astype(dtype), embed[rows])
+                           for rows in params[0].row_blocks(_BLOCK_BYTES, embed.itemsize)):
     raise ValueError(f'{hf_dir}: config.json says tie_word_embeddings=true, but lm_head.weight differs '
                      'from model.embed_tokens.weight')
   return _nest(arrays)
@@ -423,7 +440,6 @@ def load_hf_params(hf_dir: str, cfg: ModelConfig, dtype: np.dtype, log=print) ->
 def import_hf(hf_dir: str, out: str, dtype: str | None = None, tokenizer: str | None = None,
               log=print, **overrides) -> ModelConfig:
   """Converts a HF model folder into `<out>/checkpoints/0`; returns the ModelConfig written."""
-  from train import checkpoint  # pylint: disable=import-outside-toplevel
   log = log or _silent
   with open(os.path.join(hf_dir, 'config.json')) as f:
     hf = json.load(f)
@@ -442,12 +458,28 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None, tokenizer: str | 
   params = load_hf_params(hf_dir, cfg, DTYPES[cfg.param_dtype], log)
   if not cfg.scan_layers:
     params = _unstack_layers(params, cfg.n_layers)
-  saver = checkpoint.Checkpointer(out_dir, keep=1, async_save=False, model_config=cfg)
-  saver.save(0, {'params': params}, None)
-  saver.wait()
-  saver.close()
+  save_params(out_dir, cfg, params)
   log(f'Wrote {out_dir}/0 ({_nbytes(params) / 2**30:.2f} GiB of {cfg.param_dtype} parameters)')
   return cfg
+
+
+def save_params(directory: str, cfg: ModelConfig, params: dict, step: int = 0):
+  """Writes `<directory>/<step>/{state,model_config}` as train/checkpoint.py's Checkpointer does, with
+  state = {'params': params}, without the memory orbax would otherwise add: its default numpy handler
+  deep-copies every array before writing, and OCDBT buffers all the written data until the end unless
+  told to close data files at a target size."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+      (jax.Array, ocp.type_handlers.ArrayHandler()))
+  options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False)
+  handlers = {'state': ocp.PyTreeCheckpointHandler(type_handler_registry=registry, save_concurrent_gb=1),
+              'model_config': ocp.JsonCheckpointHandler()}
+  with ocp.CheckpointManager(directory, options=options, item_handlers=handlers) as manager:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeSave({'params': params}, ocdbt_target_data_file_size=64 * 2**20),
+        model_config=ocp.args.JsonSave(dataclasses.asdict(cfg))))
+    manager.wait_until_finished()
 
 
 def _silent(*_):
@@ -470,17 +502,24 @@ TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_ma
 
 
 def load_params_numpy(ckpt: str, cfg: ModelConfig, dtype: str) -> dict:
-  """A checkpoint's parameters on the host CPU, cast to `dtype` on restore, in the scanned layout."""
+  """A checkpoint's parameters as host numpy arrays, cast to `dtype` as they are read (no device and
+  no second copy), after checking every shape against `cfg`."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   from model.transformer import Transformer  # pylint: disable=import-outside-toplevel
   from train import checkpoint  # pylint: disable=import-outside-toplevel
-  cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
-  shapes = nn.meta.unbox(jax.eval_shape(lambda: Transformer(cfg).init(
+  expected = nn.meta.unbox(jax.eval_shape(lambda: Transformer(cfg).init(
       jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))['params'])
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(DTYPES[dtype]), sharding=cpu),
-                          shapes)
-  params = jax.tree.map(np.asarray, checkpoint.load_params(ckpt, abstract))
-  return _stack_layers(params, cfg.n_layers)
+  state_dir = checkpoint.resolve_step_dir(ckpt) / 'state'
+  checkpointer = ocp.PyTreeCheckpointer()
+  saved = checkpointer.metadata(state_dir).item_metadata.tree['params']
+  checkpoint._check_same_shapes(saved, expected, str(state_dir))  # pylint: disable=protected-access
+  target = jax.tree.map(lambda s: np.empty((0,), DTYPES[dtype]), expected)
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=DTYPES[dtype]),
+                              expected)
+  restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+      item={'params': target}, restore_args={'params': restore_args}, partial_restore=True))
+  return restored['params']
 
 
 def export_hf(ckpt: str, out: str, arch: str | None = None, dtype: str = 'bfloat16',
@@ -503,23 +542,30 @@ def export_hf(ckpt: str, out: str, arch: str | None = None, dtype: str = 'bfloat
   os.makedirs(out, exist_ok=True)
   params = load_params_numpy(ckpt, cfg, dtype)
 
-  def get(path):
-    node = params
-    for key in path:
+  def get(path, layer):
+    """Our array at `path`, for one layer if `layer` is given (scanned or unrolled checkpoints)."""
+    node = params if layer is None or cfg.scan_layers else params[f'layers_{layer}']
+    for key in (path if layer is None or cfg.scan_layers else path[1:]):
       node = node[key]
-    return node
+    return node if layer is None or not cfg.scan_layers else node[layer]
 
   # (name, shape, dtype, make) in HF's usual order, split into shards of at most `shard_size` bytes.
   np_dtype = DTYPES[dtype]
   tensors = []
   maps = param_map(cfg)
+
+  def blocks(p: _Param, layer: int | None):
+    ours = p.as_hf(get(p.path, layer))
+    for rows in p.row_blocks(_BLOCK_BYTES, np_dtype.itemsize):
+      yield ours[:, rows].T if p.transposed else ours[rows]
+
   for p in maps:
     if not p.layered:
-      tensors.append((p.hf_name, p.hf_shape, np_dtype, lambda p=p: p.to_hf(get(p.path))))
+      tensors.append((p.hf_name, p.hf_shape, np_dtype, functools.partial(blocks, p, None)))
   for i in range(cfg.n_layers):
     for p in maps:
       if p.layered:
-        tensors.append((p.hf_name.format(i), p.hf_shape, np_dtype, lambda p=p, i=i: p.to_hf(get(p.path)[i])))
+        tensors.append((p.hf_name.format(i), p.hf_shape, np_dtype, functools.partial(blocks, p, i)))
   shards, size = [[]], 0
   for tensor in tensors:
     nbytes = math.prod(tensor[1]) * np_dtype.itemsize

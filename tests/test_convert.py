@@ -140,7 +140,8 @@ def test_export_import_round_trip_is_exact_in_bfloat16(imported, tmp_path):
   assert cfg2.param_dtype == 'bfloat16' and not cfg2.scan_layers
   assert cfg2.tie_embeddings == cfg.tie_embeddings and cfg2.qkv_bias == cfg.qkv_bias
   _, back = _load(str(tmp_path / 'ckpt'), param_dtype='float32')
-  back = convert._stack_layers(back, cfg.n_layers)  # pylint: disable=protected-access
+  layers = [back.pop(f'layers_{i}') for i in range(cfg.n_layers)]
+  back['layers'] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
   expected = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16).astype(np.float32), params)
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, back), expected)
 
