@@ -29,16 +29,22 @@ class SFTDataError(ValueError):
   pass
 
 
-def _records(path: str) -> Iterator[tuple[str, Any]]:
+def _records(path: str, utf8: str, max_record_bytes: int, counters: collections.Counter
+             ) -> Iterator[tuple[str, Any]]:
   """(location, parsed JSON or a SFTDataError) for each record of a .json array or JSONL file."""
   with tf.io.gfile.GFile(path, 'rb') as f:
     raw = f.read()
   try:
     text = raw.decode('utf-8')
   except UnicodeDecodeError as e:
-    line = raw[:e.start].count(b'\n') + 1
-    yield f'{path}:{line}', SFTDataError(f'invalid UTF-8 at byte offset {e.start}')
-    return
+    if utf8 != 'replace':
+      line = raw[:e.start].count(b'\n') + 1
+      yield f'{path}:{line}', SFTDataError(
+          f'invalid UTF-8 at byte offset {e.start} (set config.data.invalid_utf8="replace" to '
+          'replace and count such bytes)')
+      return
+    counters['invalid_utf8_replaced'] += 1
+    text = raw.decode('utf-8', errors='replace')
   if path.endswith('.json') and text.lstrip().startswith('['):
     try:
       records = json.loads(text)
@@ -50,6 +56,10 @@ def _records(path: str) -> Iterator[tuple[str, Any]]:
     return
   for n, line in enumerate(text.splitlines(), 1):
     if not line.strip():
+      continue
+    if max_record_bytes and len(line) > max_record_bytes:
+      yield f'{path}:{n}', SFTDataError(f'record of {len(line):,} characters exceeds '
+                                        f'config.data.max_record_bytes ({max_record_bytes:,})')
       continue
     try:
       yield f'{path}:{n}', json.loads(line)
@@ -118,12 +128,16 @@ class SFTData:
   def vocab_size(self) -> int:
     return self.tokenizer.vocab_size
 
+  def stats(self) -> dict[str, int]:
+    """Records skipped, truncated or repaired while loading."""
+    return dict(self.counts)
+
   def _load(self, patterns: str, split: str):
     """(examples, held-out examples); the split by `eval_fraction` only applies without eval_files."""
     cfg = self.config
     examples, held_out = [], []
     for path in sources.resolve_files(patterns):
-      for where, record in _records(path):
+      for where, record in _records(path, cfg.invalid_utf8, cfg.max_record_bytes, self.counts):
         try:
           if isinstance(record, SFTDataError):
             raise record

@@ -138,15 +138,22 @@ def load_model_config(path: str) -> ModelConfig:
   return ModelConfig.from_dict(json.loads(meta.read_text()))
 
 
+def check_params_match(path: str, abstract_params: Any):
+  """Raises a ValueError naming the first parameter missing from, or shaped differently in, the
+  checkpoint at `path`. Reads metadata only."""
+  state_dir = resolve_step_dir(path) / 'state'
+  saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree['params']
+  _check_same_shapes(saved, abstract_params, str(state_dir))
+
+
 def load_params(path: str, abstract_params: Any) -> Any:
   """Restores only the parameters of a checkpoint onto the shapes and shardings of `abstract_params`.
 
   Raises a ValueError naming the first parameter whose shape differs, before reading any weights.
   """
+  check_params_match(path, abstract_params)
   state_dir = resolve_step_dir(path) / 'state'
   checkpointer = ocp.PyTreeCheckpointer()
-  saved = checkpointer.metadata(state_dir).item_metadata.tree['params']
-  _check_same_shapes(saved, abstract_params, str(state_dir))
   restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
       item={'params': abstract_params},
       restore_args={'params': ocp.checkpoint_utils.construct_restore_args(abstract_params)},

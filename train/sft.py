@@ -26,14 +26,20 @@ ARCHITECTURE_FIELDS = ('vocab_size', 'embed_dim', 'n_layers', 'n_heads', 'n_kv_h
 def params_from_checkpoint(path: str):
   """`init_params` for loop.train: the parameters of checkpoint `path`, checked against the config."""
   def init_params(run: loop.Run):
+    abstract = run.abstract_state().params
     saved = checkpoint.load_model_config(path)
     different = [f'model.{f}: checkpoint {getattr(saved, f)!r}, config {getattr(run.model_config, f)!r}'
                  for f in ARCHITECTURE_FIELDS if getattr(saved, f) != getattr(run.model_config, f)]
     if different:
+      try:
+        checkpoint.check_params_match(path, abstract)
+        shapes = ''
+      except ValueError as e:
+        shapes = f'\n{e}'
       raise validate.ConfigError(f'config.init_from={path} was trained with a different model:\n  '
-                                 + '\n  '.join(different))
+                                 + '\n  '.join(different) + shapes)
     logging.info('Initialising parameters from %s', checkpoint.resolve_step_dir(path))
-    return checkpoint.load_params(path, run.abstract_state().params)
+    return checkpoint.load_params(path, abstract)
   return init_params
 
 
