@@ -1,7 +1,8 @@
 """Hugging Face <-> flaxlm checkpoints, for LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM.
 
   python -m model.convert import --hf-dir Meta-Llama-3-8B --out ckpt/llama3_8b [--tokenizer DIR]
-  python -m model.convert export --ckpt runs/sft --out hf/my-model [--tokenizer DIR] [--arch llama]
+  python -m model.convert export --ckpt runs/sft --out hf/my-model [--tokenizer DIR] [--arch llama] \
+      [--chat-template llama3]
 
 `import` reads `config.json` and the (sharded) safetensors, derives a ModelConfig (saying which preset it
 matches), and writes `<out>/checkpoints/0/{state,model_config}`: the layout our trainers write, so that
@@ -523,9 +524,11 @@ def load_params_numpy(ckpt: str, cfg: ModelConfig, dtype: str) -> dict:
 
 
 def export_hf(ckpt: str, out: str, arch: str | None = None, dtype: str = 'bfloat16',
-              tokenizer: str | None = None, shard_size: int = 5 * 2**30, log=print) -> dict:
+              tokenizer: str | None = None, shard_size: int = 5 * 2**30, chat_template: str = '',
+              log=print) -> dict:
   """Writes `out/` that `transformers.AutoModelForCausalLM.from_pretrained(out)` loads. Returns the
-  config.json written."""
+  config.json written. With `chat_template` (needs `tokenizer`), generation_config.json stops at the
+  template's end-of-turn tokens too, as transformers' generate and vLLM read it."""
   from train import checkpoint  # pylint: disable=import-outside-toplevel
   log = log or _silent
   cfg = checkpoint.load_model_config(ckpt)
@@ -538,6 +541,12 @@ def export_hf(ckpt: str, out: str, arch: str | None = None, dtype: str = 'bfloat
     tok = load_tokenizer(tokenizer)
     check_vocab(tok, cfg.vocab_size)
     bos, eos = tok.bos_id, tok.eos_id
+  stop_ids = [eos] if eos is not None else []
+  if chat_template:
+    if not tokenizer:
+      raise ValueError('--chat-template needs --tokenizer (to look up its end-of-turn tokens)')
+    from data import chat  # pylint: disable=import-outside-toplevel
+    stop_ids = list(dict.fromkeys(chat.get_template(chat_template).stop_ids(tok) + stop_ids))
   hf_config = config_to_hf(cfg, arch, dtype, bos, eos)
   os.makedirs(out, exist_ok=True)
   params = load_params_numpy(ckpt, cfg, dtype)
@@ -586,7 +595,7 @@ def export_hf(ckpt: str, out: str, arch: str | None = None, dtype: str = 'bfloat
              'weight_map': {t[0]: name for name, shard in zip(names, shards) for t in shard}}
     _write_json(os.path.join(out, 'model.safetensors.index.json'), index)
   _write_json(os.path.join(out, 'config.json'), hf_config)
-  generation = {'bos_token_id': bos, 'eos_token_id': eos}
+  generation = {'bos_token_id': bos, 'eos_token_id': stop_ids[0] if len(stop_ids) == 1 else (stop_ids or None)}
   _write_json(os.path.join(out, 'generation_config.json'), {k: v for k, v in generation.items() if v is not None})
   if tokenizer:
     _copy_tokenizer(tokenizer, out, log)
@@ -644,6 +653,9 @@ def main(argv=None):
   exp.add_argument('--tokenizer', default=None,
                    help='Tokenizer (.model, tokenizer.json or its folder): its files are copied and its '
                         'BOS/EOS ids written into config.json.')
+  exp.add_argument('--chat-template', '--chat_template', dest='chat_template', default='',
+                   help='The chat template the model was tuned with (data/chat.py): generation stops at '
+                        'its end-of-turn tokens (written to generation_config.json).')
   exp.add_argument('--shard-size-gb', '--shard_size_gb', dest='shard_size_gb', type=float, default=5.0)
   args = parser.parse_args(argv)
   if args.command == 'import':
@@ -653,7 +665,7 @@ def main(argv=None):
     import_hf(args.hf_dir, args.out, args.dtype, args.tokenizer, **overrides)
   else:
     export_hf(args.ckpt, args.out, args.arch, args.dtype, args.tokenizer,
-              int(args.shard_size_gb * 2**30))
+              int(args.shard_size_gb * 2**30), args.chat_template)
 
 
 if __name__ == '__main__':

@@ -207,3 +207,31 @@ def test_import_rejects_mismatched_weights_and_tokenizers(tmp_path):
   tok_dir = make_hf_tokenizer(tmp_path / 'tok', vocab_size=300)
   with pytest.raises(ValueError, match='has 300 tokens but the model.s vocabulary is only 160'):
     convert.import_hf(str(hf_dir), str(tmp_path / 'z'), tokenizer=str(tok_dir), log=None)
+
+
+def test_export_of_our_own_model_with_tokenizer_and_chat_template(tmp_path):
+  """What users export after training: our parameters (our init), a tokenizer.json and the template they
+  tuned with. transformers computes our logits, its tokenizer gives our ids, and generation stops at
+  the template's end of turn."""
+  from data.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+  from model import ModelConfig  # pylint: disable=import-outside-toplevel
+  from tests.tokenizers_for_tests import make_hf_tokenizer  # pylint: disable=import-outside-toplevel
+  cfg = ModelConfig(vocab_size=512, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=32,
+                    mlp_dim=128, dtype='float32', max_seq_len=256, init_std=0.1, rope_theta=500000.0,
+                    rope_scaling_factor=4.0, rope_original_max_len=64, scan_layers=False)
+  params = nn.meta.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))
+                         ['params'])
+  convert.save_params(str(tmp_path / 'ckpt' / 'checkpoints'), cfg, jax.tree.map(np.asarray, params))
+  tok_dir = make_hf_tokenizer(tmp_path / 'tok', vocab_size=400)
+  convert.main(['export', '--ckpt', str(tmp_path / 'ckpt'), '--out', str(tmp_path / 'hf'), '--dtype',
+                'float32', '--tokenizer', tok_dir, '--chat-template', 'llama3'])
+  model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hf').eval()
+  tokens = np.random.default_rng(1).integers(0, 400, (2, 48))
+  ours = np.asarray(jax.jit(Transformer(cfg).apply)({'params': params}, tokens))
+  assert np.abs(_hf_logits(model, tokens) - ours).max() < 1e-4
+  tok = load_tokenizer(tok_dir)
+  hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / 'hf')
+  text = 'The for statement iterates over a sequence.'
+  assert hf_tok(text).input_ids == [tok.bos_id] + tok.encode(text)
+  generation = json.loads((tmp_path / 'hf' / 'generation_config.json').read_text())
+  assert generation['eos_token_id'] == [tok.token_id('<|eot_id|>'), tok.eos_id]
