@@ -511,10 +511,9 @@ def load_params_numpy(ckpt: str, cfg: ModelConfig, dtype: str) -> dict:
   from train import checkpoint  # pylint: disable=import-outside-toplevel
   expected = nn.meta.unbox(jax.eval_shape(lambda: Transformer(cfg).init(
       jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))['params'])
+  checkpoint.check_params_match(ckpt, expected)
   state_dir = checkpoint.resolve_step_dir(ckpt) / 'state'
   checkpointer = ocp.PyTreeCheckpointer()
-  saved = checkpointer.metadata(state_dir).item_metadata.tree['params']
-  checkpoint._check_same_shapes(saved, expected, str(state_dir))  # pylint: disable=protected-access
   target = jax.tree.map(lambda s: np.empty((0,), DTYPES[dtype]), expected)
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=DTYPES[dtype]),
                               expected)
