@@ -7,6 +7,7 @@ into bytes so that the trainer can store it inside its orbax checkpoint, one blo
 import atexit
 import io
 import os
+import re
 import tempfile
 import weakref
 import zipfile
@@ -18,6 +19,14 @@ import tensorflow as tf
 # prefetch thread is inside a Python tokenization step while the interpreter tears down.
 _LIVE = weakref.WeakSet()
 atexit.register(lambda: [it.close() for it in list(_LIVE)])
+
+
+class DataError(ValueError):
+  """Bad input found while iterating; the message names the file and line (or byte offset)."""
+
+
+# The one-line message of a Python exception raised inside a tf.data step (e.g. data.sources.BadRecord).
+_PY_ERROR = re.compile(r'^\s*(?:[\w.]+\.)?(?:BadRecord|ValueError|SFTDataError): (.+)$', re.MULTILINE)
 
 
 class DatasetIterator:
@@ -38,7 +47,14 @@ class DatasetIterator:
     return self
 
   def __next__(self):
-    return tf.nest.map_structure(lambda t: t.numpy(), next(self._iterator))
+    try:
+      batch = next(self._iterator)
+    except tf.errors.OpError as e:
+      found = _PY_ERROR.findall(e.message)
+      if not found:
+        raise
+      raise DataError(found[-1]) from None
+    return tf.nest.map_structure(lambda t: t.numpy(), batch)
 
   def get_state(self) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:

@@ -163,7 +163,9 @@ class Trainer:
       else:
         self.train_iter.set_state(data_state)
       logging.info('Resumed from %s at step %d', self.ckpt.directory, self.resumed_from)
-    else:
+    # Read the first batch before initialising or compiling anything: bad input fails fast.
+    self.first_batch = next(self.train_iter)
+    if self.resumed_from is None:
       params = init_params(run) if init_params else None
       self.state = state_lib.init_state(run.model, run.tx, run.mesh, tcfg.seed, params)
     n_params = sum(x.size for x in jax.tree.leaves(self.state.params))
@@ -230,7 +232,8 @@ class Trainer:
     stopped_by = None
     with preemption.StopRequest() as stop:
       while step < tcfg.steps:
-        batch = self.run.global_batch(next(self.train_iter))
+        local_batch, self.first_batch = self.first_batch or next(self.train_iter), None
+        batch = self.run.global_batch(local_batch)
         self.state, step_metrics = self.train_step(self.state, batch)
         step += 1
         pending.append(step_metrics)
