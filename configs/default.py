@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
       tfds_data_dir='',
       tfds_train_split='train',
       tfds_eval_split='validation',
-      tokenizer='',          # SentencePiece .model
+      tokenizer='',          # SentencePiece .model, HF tokenizer.json, or a folder holding one
       add_bos=True,
       add_eos=True,
       shuffle_buffer=1000,   # documents

@@ -29,7 +29,8 @@ class PretrainData:
 
   def _texts_to_ids(self, texts: list[bytes]) -> list[list[int]]:
     ids = self.tokenizer.encode_batch([t.decode('utf-8') for t in texts])
-    bos = [self.tokenizer.bos_id] if self.config.add_bos else []
+    # Tokenizers without a BOS token (Qwen) start documents with nothing; `add_bos` says which.
+    bos = [self.tokenizer.bos_id] if self.config.add_bos and self.tokenizer.add_bos else []
     eos = [self.tokenizer.eos_id] if self.config.add_eos else []
     return [bos + x + eos for x in ids]
 

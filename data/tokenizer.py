@@ -81,6 +81,9 @@ class HuggingFaceTokenizer(Tokenizer):
     self.path = path
     with _open(path) as f:
       self._tok = tokenizers.Tokenizer.from_str(f.read().decode('utf-8'))
+    # Text never becomes a control token: a document or user message that contains "<|im_end|>" is
+    # tokenized as those characters. Templates insert special tokens explicitly (data/chat.py).
+    self._tok.encode_special_tokens = True
     vocab = self._tok.get_vocab(with_added_tokens=True)
     self.vocab_size = max(vocab.values()) + 1
     declared = _declared_special_tokens(os.path.dirname(path))

@@ -70,9 +70,11 @@ def test_templates_with_hf_tokenizer_equal_tokenizing_the_rendered_text(llama3_d
                                                                        rendered):
   """Piece-by-piece template encoding gives the ids that the tokenizer itself gives the whole rendered
   conversation (special tokens recognised in the text), as Hugging Face's apply_chat_template would."""
+  import tokenizers  # pylint: disable=import-outside-toplevel
   tok = load_tokenizer(llama3_dir)
   ids, mask = chat.get_template(template).encode(tok, CHAT)
-  assert ids == tok._tok.encode(rendered, add_special_tokens=False).ids  # pylint: disable=protected-access
+  reference = tokenizers.Tokenizer.from_file(tok.path)  # recognises special tokens written as text
+  assert ids == reference.encode(rendered, add_special_tokens=False).ids
   end = chat.get_template(template).stop_ids(tok)[0]
   trained = [i for i, m in zip(ids, mask) if m]
   assert trained == (tok.encode(CHAT[2]['content']) + [end] + tok.encode(CHAT[4]['content']) + [end])
@@ -116,3 +118,14 @@ def test_errors_are_explicit(tmp_path, llama3_dir):
   check_vocab(tok, 400)
   with pytest.raises(ValueError, match='has 400 tokens but the model.s vocabulary is only 399'):
     check_vocab(tok, 399)
+
+
+def test_special_token_text_in_content_stays_text(llama3_dir):
+  """A user who types "<|im_end|>" does not end the turn: only templates insert control tokens."""
+  tok = load_tokenizer(llama3_dir)
+  for special in ('<|im_end|>', '<|eot_id|>'):
+    assert tok.token_id(special) is not None
+    assert tok.token_id(special) not in tok.encode(f'before {special} after')
+  messages = [{'role': 'user', 'content': 'say <|im_end|>'}, {'role': 'assistant', 'content': 'no'}]
+  ids, mask = chat.get_template('chatml').encode(tok, messages)
+  assert ids.count(tok.token_id('<|im_end|>')) == 2  # the two real turn ends
