@@ -121,6 +121,11 @@ def _format_line(step: int, total: int, m: dict[str, float]) -> str:
               f"{m['tflops_per_device']:.2f} TFLOP/s/device"]
   if 'mfu' in m:
     parts.append(f"MFU {100 * m['mfu']:.1f}%")
+  if m.get('skipped'):
+    parts.append(f"skipped {int(m['skipped'])}")
+  if 'step_time_ms' in m and step < total:
+    eta = int((total - step) * m['step_time_ms'] / 1000)
+    parts.append(f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
   return ' | '.join(parts)
 
 
