@@ -72,6 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Instruction tuning: start from these parameters (a workdir, its checkpoints/ or a step folder).
   c.init_from = ''
 
+  # Metrics always go to <workdir>/metrics.jsonl and TensorBoard; set a project to also use W&B.
+  c.logging = ml_collections.ConfigDict(dict(wandb_project='', wandb_entity=''))
+
   # Multi-process runs outside TPU VMs / SLURM: the coordinator's host:port, and this process's place.
   c.distributed = ml_collections.ConfigDict(dict(coordinator_address='', num_processes=0, process_id=-1))
   return c

@@ -152,7 +152,9 @@ class Trainer:
       os.makedirs(workdir, exist_ok=True)
       with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
         f.write(config.to_json_best_effort(indent=2))
-    self.writer = metrics_lib.MetricWriter(workdir, enabled=self.primary)
+    self.writer = metrics_lib.MetricWriter(
+        workdir, enabled=self.primary, wandb_project=config.logging.wandb_project,
+        wandb_entity=config.logging.wandb_entity, run_config=json.loads(config.to_json_best_effort()))
 
     tcfg = config.train
     shard_index, shard_count, local_batch = sharding_lib.data_shard(run.batch_sharding, tcfg.batch_size)

@@ -49,12 +49,15 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 class MetricWriter:
-  """Writes scalars to TensorBoard event files and to `metrics.jsonl`, from the primary host only."""
+  """Writes scalars to TensorBoard event files and to `metrics.jsonl`, from the primary host only;
+  also to Weights & Biases when `wandb_project` is set (the run resumes with the workdir)."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, wandb_project: str = '',
+               wandb_entity: str = '', run_config: dict | None = None):
     self.enabled = enabled
     self._tb = None
     self._jsonl = None
+    self._wandb = None
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
@@ -64,6 +67,8 @@ class MetricWriter:
       self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
     except ImportError:
       self._tb = None  # The GPU benchmark image has no tensorboardX; metrics.jsonl still has it all.
+    if wandb_project:
+      self._wandb = _start_wandb(workdir, wandb_project, wandb_entity, run_config)
 
   def write(self, step: int, scalars: dict[str, float]):
     if not self.enabled:
@@ -75,9 +80,32 @@ class MetricWriter:
       for k, v in scalars.items():
         self._tb.add_scalar(k, float(v), int(step))
       self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log({k: float(v) for k, v in scalars.items()}, step=int(step))
 
   def close(self):
     if self._jsonl:
       self._jsonl.close()
     if self._tb:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+
+
+def _start_wandb(workdir: str, project: str, entity: str, run_config: dict | None):
+  try:
+    import wandb  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ImportError(f'config.logging.wandb_project is {project!r} but the wandb package is not '
+                      'installed: `pip install wandb`, or leave config.logging.wandb_project empty') from None
+  # One W&B run per workdir: a resumed training run continues the same W&B run.
+  id_file = os.path.join(workdir, 'wandb_run_id.txt')
+  if os.path.exists(id_file):
+    with open(id_file, encoding='utf-8') as f:
+      run_id = f.read().strip()
+  else:
+    run_id = wandb.util.generate_id()
+    with open(id_file, 'w', encoding='utf-8') as f:
+      f.write(run_id)
+  return wandb.init(project=project, entity=entity or None, id=run_id, resume='allow', dir=workdir,
+                    config=run_config, name=os.path.basename(os.path.abspath(workdir)))

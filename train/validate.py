@@ -15,7 +15,7 @@ from train import sharding as sharding_lib
 RESUME_MAY_CHANGE = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_at_start',
                      'train.eval_max_batches', 'train.override_workdir_config',
                      'train.max_consecutive_skips', 'checkpoint.', 'mesh.', 'distributed.',
-                     'init_from')
+                     'init_from', 'logging.')
 
 
 class ConfigError(ValueError):

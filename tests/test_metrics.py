@@ -1,0 +1,51 @@
+"""Metric writers: TensorBoard and metrics.jsonl always; Weights & Biases when configured."""
+
+import json
+import os
+import sys
+import types
+
+import pytest
+
+from train import metrics
+
+
+def test_jsonl_and_tensorboard(tmp_path):
+  writer = metrics.MetricWriter(str(tmp_path))
+  writer.write(1, {'loss': 2.5, 'skipped': 0})
+  writer.write(2, {'loss': 2.0, 'skipped': 1})
+  writer.close()
+  with open(tmp_path / 'metrics.jsonl') as f:
+    records = [json.loads(line) for line in f]
+  assert [(r['step'], r['loss'], r['skipped']) for r in records] == [(1, 2.5, 0), (2, 2.0, 1)]
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path / 'tensorboard'))
+
+
+def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'wandb', None)  # makes `import wandb` fail
+  with pytest.raises(ImportError, match="wandb_project is 'proj' but the wandb package is not installed"):
+    metrics.MetricWriter(str(tmp_path), wandb_project='proj')
+
+
+def test_wandb_logs_and_resumes_the_same_run(tmp_path, monkeypatch):
+  calls = []
+
+  class Run:
+    def log(self, values, step):
+      calls.append(('log', step, values))
+
+    def finish(self):
+      calls.append(('finish',))
+
+  fake = types.SimpleNamespace(
+      init=lambda **kw: calls.append(('init', kw)) or Run(),
+      util=types.SimpleNamespace(generate_id=lambda: 'run123'))
+  monkeypatch.setitem(sys.modules, 'wandb', fake)
+  for _ in range(2):  # a second writer on the same workdir resumes the same W&B run
+    writer = metrics.MetricWriter(str(tmp_path), wandb_project='proj', run_config={'a': 1})
+    writer.write(5, {'loss': 1.5})
+    writer.close()
+  inits = [c[1] for c in calls if c[0] == 'init']
+  assert [i['id'] for i in inits] == ['run123', 'run123'] and inits[0]['resume'] == 'allow'
+  assert inits[0]['project'] == 'proj' and inits[0]['config'] == {'a': 1}
+  assert ('log', 5, {'loss': 1.5}) in calls and calls[-1] == ('finish',)
