@@ -23,6 +23,7 @@ import sys
 import sysconfig
 from typing import Iterator
 
+import tqdm
 from absl import app, flags
 
 _OUT = flags.DEFINE_string('out', 'demo/data', 'Output folder for train.jsonl and eval.jsonl.')
@@ -35,9 +36,11 @@ MIN_DOCSTRING_CHARS = 200
 TOPIC_CHUNK_CHARS = 1000
 
 
-def pydoc_topics() -> Iterator[tuple[str, str]]:
+def pydoc_topics(progress=None) -> Iterator[tuple[str, str]]:
   from pydoc_data import topics  # pylint: disable=import-outside-toplevel
   for name, text in sorted(topics.topics.items()):
+    if progress is not None:
+      progress.update(1)
     chunk, part = [], 0
     for paragraph in text.split('\n\n'):
       chunk.append(paragraph)
@@ -48,12 +51,18 @@ def pydoc_topics() -> Iterator[tuple[str, str]]:
       yield f'topic:{name}:{part}', '\n\n'.join(chunk).strip()
 
 
-def stdlib_docstrings() -> Iterator[tuple[str, str]]:
+def stdlib_files() -> list[tuple[str, str]]:
+  """(path, path relative to the standard library) of the modules whose docstrings we read."""
   root = sysconfig.get_paths()['stdlib']
-  for path in sorted(glob.glob(os.path.join(root, '**', '*.py'), recursive=True)):
-    rel = os.path.relpath(path, root)
-    if rel.startswith(('site-packages', 'test', 'idlelib')) or '/test' in rel:
-      continue
+  paths = sorted(glob.glob(os.path.join(root, '**', '*.py'), recursive=True))
+  return [(path, rel) for path, rel in ((p, os.path.relpath(p, root)) for p in paths)
+          if not (rel.startswith(('site-packages', 'test', 'idlelib')) or '/test' in rel)]
+
+
+def stdlib_docstrings(progress=None) -> Iterator[tuple[str, str]]:
+  for path, rel in stdlib_files():
+    if progress is not None:
+      progress.update(1)
     try:
       with open(path, encoding='utf-8') as f:
         tree = ast.parse(f.read())
@@ -76,13 +85,19 @@ def write_corpus(out_dir: str, eval_percent: int = 5) -> dict[str, int]:
   counts = {'train': 0, 'eval': 0}
   tmp = {split: os.path.join(out_dir, f'{split}.jsonl.tmp') for split in counts}
   files = {split: open(path, 'w', encoding='utf-8') for split, path in tmp.items()}
+  from pydoc_data import topics  # pylint: disable=import-outside-toplevel
+  # On a terminal: a bar over the sources read (pydoc topics, then standard library files).
+  bar = tqdm.tqdm(total=len(topics.topics) + len(stdlib_files()), desc='Writing the demo corpus',
+                  unit='source', disable=None)
   try:
-    for source in (pydoc_topics(), stdlib_docstrings()):
+    for source in (pydoc_topics(bar), stdlib_docstrings(bar)):
       for name, text in source:
         split = 'eval' if is_held_out(name, eval_percent) else 'train'
         files[split].write(json.dumps({'title': name, 'text': text}) + '\n')
         counts[split] += 1
+        bar.set_postfix(documents=sum(counts.values()), refresh=False)
   finally:
+    bar.close()
     for f in files.values():
       f.close()
   for split, path in tmp.items():

@@ -205,11 +205,30 @@ def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int,
 FLAGS = flags.FLAGS
 
 
+def _reading_progress(texts: Iterable[str], files: Sequence[str], max_chars: int) -> Iterable[str]:
+  """`texts`, with a progress bar (rate, ETA) on a terminal. The total is the files' size in bytes,
+  capped at `max_chars`; each document counts its characters, so the bar is approximate for JSONL."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel  (already loaded by data.sources)
+  import tqdm  # pylint: disable=import-outside-toplevel
+  total = sum(tf.io.gfile.stat(f).length for f in files)
+  total = min(total, max_chars) if max_chars else total
+  with tqdm.tqdm(total=total, desc='Reading the corpus', unit='char', unit_scale=True,
+                 disable=None) as bar:
+    docs = 0
+    for text in texts:
+      docs += 1
+      bar.update(len(text) + 1)
+      yield text
+    bar.update(max(bar.total - bar.n, 0))  # all read: the rest was JSON syntax, line ends, or empty
+  logging.info('Read %d documents; training the SentencePiece model (no progress shown) ...', docs)
+
+
 def main(argv):
   del argv
   from data import sources  # pylint: disable=import-outside-toplevel
   files = sources.resolve_files(FLAGS.input)
   texts = sources.iter_texts_python(files, FLAGS.format, FLAGS.text_field, max_chars=FLAGS.max_chars)
+  texts = _reading_progress(texts, files, FLAGS.max_chars)
   tok = train_sentencepiece(texts, FLAGS.out, FLAGS.vocab_size, FLAGS.model_type)
   logging.info('Wrote %s (vocab %d)', FLAGS.out, tok.vocab_size)
   print(f'Wrote {FLAGS.out}: {tok.vocab_size} pieces, bos={tok.bos_id} eos={tok.eos_id}')

@@ -411,6 +411,7 @@ def load_hf_params(hf_dir: str, cfg: ModelConfig, dtype: np.dtype, log=print) ->
                      + ('; config.json says tie_word_embeddings=false but there is no lm_head.weight'
                         if 'lm_head.weight' in missing else ''))
   start, done = time.time(), 0
+  bar = _progress_bar(len(by_name), 'Importing tensors', log)
   for name in reader.names_in_file_order():
     if name not in by_name:
       continue
@@ -428,8 +429,10 @@ def load_hf_params(hf_dir: str, cfg: ModelConfig, dtype: np.dtype, log=print) ->
         dest[rows] = block
       del block
     done += 1
-    if log and done % 100 == 0:
+    bar.update(1)
+    if log and bar.disable and done % 100 == 0:
       log(f'  {done}/{len(by_name)} tensors ({time.time() - start:.0f} s)')
+  bar.close()
   embed = arrays[('token_embed',)]
   if tied_copy and not all(np.array_equal(reader.read('lm_head.weight', rows).astype(dtype), embed[rows])
                            for rows in params[0].row_blocks(_BLOCK_BYTES, embed.itemsize)):
@@ -582,6 +585,16 @@ def export_hf(ckpt: str, out: str, arch: str | None = None, dtype: str = 'bfloat
       size = 0
     shards[-1].append(tensor)
     size += nbytes
+  bar = _progress_bar(len(tensors), 'Exporting tensors', log)
+  if not bar.disable and log is print:
+    log = bar.write  # prints around the bar
+
+  def counted(blocks):
+    def each():
+      yield from blocks()
+      bar.update(1)
+    return each
+  shards = [[(n, shape, d, counted(blocks)) for n, shape, d, blocks in shard] for shard in shards]
   if len(shards) == 1:
     names = ['model.safetensors']
   else:
@@ -596,10 +609,17 @@ def export_hf(ckpt: str, out: str, arch: str | None = None, dtype: str = 'bfloat
   _write_json(os.path.join(out, 'config.json'), hf_config)
   generation = {'bos_token_id': bos, 'eos_token_id': stop_ids[0] if len(stop_ids) == 1 else (stop_ids or None)}
   _write_json(os.path.join(out, 'generation_config.json'), {k: v for k, v in generation.items() if v is not None})
+  bar.close()
   if tokenizer:
     _copy_tokenizer(tokenizer, out, log)
   log(f'Wrote {out}: {_ARCH_CLASS[arch]}, {dtype}')
   return hf_config
+
+
+def _progress_bar(total: int, desc: str, log):
+  """A bar of tensors converted, on stderr and only on a terminal; none when `log` is silent."""
+  import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm.tqdm(total=total, desc=desc, unit='tensor', disable=None if log not in (None, _silent) else True)
 
 
 def _copy_tokenizer(path: str, out: str, log):

@@ -17,6 +17,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import tqdm
 
 from data import chat
 from data.tokenizer import load_tokenizer
@@ -41,15 +42,19 @@ def load_records(path: str, limit: int = 0) -> list[dict]:
 
 
 def exact_match(generator: Generator, tokenizer, template: chat.Template, records: list[dict],
-                max_new_tokens: int = 16, batch_size: int = 64) -> dict:
-  """{'accuracy', 'per_task', 'answers': [(prompt, expected, got)]}."""
+                max_new_tokens: int = 16, batch_size: int = 64, progress: bool | None = None) -> dict:
+  """{'accuracy', 'per_task', 'answers': [(prompt, expected, got)]}. `progress`: a bar of questions
+  answered on stderr (None: only on a terminal)."""
   prompts = [template.prompt_ids(tokenizer, r['messages'][:-1]) for r in records]
   sampling = SamplingConfig(max_new_tokens=max_new_tokens)
   answers = []
-  for i in range(0, len(prompts), batch_size):
-    outputs = generator.generate(prompts[i:i + batch_size], sampling, template.stop_ids(tokenizer),
-                                 tokenizer.pad_id)
-    answers += [tokenizer.decode(o).strip() for o in outputs]
+  with tqdm.tqdm(total=len(prompts), desc='Answering', unit='question',
+                 disable=None if progress is None else not progress) as bar:
+    for i in range(0, len(prompts), batch_size):
+      outputs = generator.generate(prompts[i:i + batch_size], sampling, template.stop_ids(tokenizer),
+                                   tokenizer.pad_id)
+      answers += [tokenizer.decode(o).strip() for o in outputs]
+      bar.update(len(outputs))
   scores = collections.defaultdict(list)
   rows = []
   for record, got in zip(records, answers):
