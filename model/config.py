@@ -36,7 +36,9 @@ class ModelConfig:
   # Compilation: scan over layers (constant compile time in depth) and what to rematerialise.
   scan_layers: bool = True
   remat_policy: str = 'none'
-  attention: str = 'xla'
+  attention: str = 'auto'
+  # The loss computes float32 logits for this many positions at a time (0: the whole sequence at once).
+  loss_chunk_len: int = 1024
 
   def __post_init__(self):
     errors = []
@@ -47,6 +49,8 @@ class ModelConfig:
     if self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:
       errors.append(f'model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads '
                     f'({self.n_kv_heads}) for grouped-query attention')
+    if self.loss_chunk_len < 0:
+      errors.append(f'model.loss_chunk_len must be >= 0 (0: no chunking), got {self.loss_chunk_len}')
     if self.head_dim % 2:
       errors.append(f'model.head_dim must be even for rotary embeddings, got {self.head_dim}')
     for name in ('dtype', 'param_dtype'):
@@ -76,9 +80,12 @@ class ModelConfig:
 
 
 DTYPES = ('float32', 'bfloat16', 'float16')
-# Names of rematerialisation policies; model/transformer.py maps them to jax.checkpoint policies.
-REMAT_POLICIES = ('none', 'save_dots', 'save_attn', 'full')
-ATTENTION_IMPLS = ('xla',)
+# Names of rematerialisation policies, from keeping every activation ('none') to keeping only each
+# layer's input ('full'); model/transformer.py maps them to jax.checkpoint policies.
+REMAT_POLICIES = ('none', 'save_dots', 'save_dots_except_mlp', 'save_attn', 'save_qkv', 'full')
+# Attention implementations (model/attention.py); 'auto' picks per platform: splash on TPU, cudnn on
+# GPU, chunked on CPU.
+ATTENTION_IMPLS = ('auto', 'xla', 'chunked', 'splash', 'cudnn')
 
 
 # Published shapes. Parameter counts are checked in tests/test_model.py.

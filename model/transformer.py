@@ -26,6 +26,45 @@ def _constrain(x, axes):
   return nn.with_logical_constraint(x, axes)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _shard_gradient(x, axes):
+  """Identity whose gradient is constrained to the logical `axes` (the parameter's own sharding)."""
+  return x
+
+
+def _shard_gradient_fwd(x, axes):
+  del axes
+  return x, None
+
+
+def _shard_gradient_bwd(axes, _, g):
+  return (_constrain(g, axes),)
+
+
+_shard_gradient.defvjp(_shard_gradient_fwd, _shard_gradient_bwd)
+
+
+@jax.custom_vjp
+def _unembed(hidden, w):
+  """hidden [B, T, D] @ w [D, V] -> float32 logits. The backward pass takes the logits' gradient in the
+  compute dtype, as every other matmul's (a TPU rounds float32 operands to bfloat16 anyway), so that
+  the weight gradient is [D, V] in bfloat16, not float32: 1 GiB less for a 128k vocabulary."""
+  return jnp.einsum('BTD,DV->BTV', hidden, w, preferred_element_type=jnp.float32)
+
+
+def _unembed_fwd(hidden, w):
+  return _unembed(hidden, w), (hidden, w)
+
+
+def _unembed_bwd(residuals, g):
+  hidden, w = residuals
+  g = g.astype(hidden.dtype)
+  return jnp.einsum('BTV,DV->BTD', g, w), jnp.einsum('BTD,BTV->DV', hidden, g).astype(w.dtype)
+
+
+_unembed.defvjp(_unembed_fwd, _unembed_bwd)
+
+
 class RMSNorm(nn.Module):
   eps: float
   dtype: str
@@ -99,9 +138,9 @@ class Attention(nn.Module):
       q_offset, k_, v, kv_segment_ids = self._update_cache(k_, v, segment_ids)
       out = attention_lib.xla_attention(q, k_, v, segment_ids, kv_segment_ids, q_offset)
     else:
-      out = attention_lib.get(cfg.attention)(q, k_, v, segment_ids, segment_ids)
+      out = attention_lib.get(cfg.attention, dtype)(q, k_, v, segment_ids, segment_ids)
     out = _constrain(checkpoint_name(out, 'attention_out'), ('batch', 'length', 'act_heads', 'head_dim'))
-    return jnp.einsum('BTNH,NHD->BTD', out, wo.astype(dtype))
+    return checkpoint_name(jnp.einsum('BTNH,NHD->BTD', out, wo.astype(dtype)), 'attention_proj')
 
   def _update_cache(self, k, v, segment_ids):
     """Writes this call's keys/values at the cache index; returns the whole cache.
@@ -159,10 +198,18 @@ class DecoderLayer(nn.Module):
     return _constrain(x, ('batch', 'length', 'act_embed')), None
 
 
+# What each layer keeps for its backward pass (the rest is recomputed), from most to least memory;
+# 'none' (keep everything) applies no jax.checkpoint at all. Names are the checkpoint_name tags above.
 REMAT_POLICIES = {
+    # Every weight matmul's output (MaxText's "minimal"): recompute only attention and elementwise ops.
     'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The attention block's matmul outputs; recompute the MLP (the largest activations).
+    'save_dots_except_mlp': jax.checkpoint_policies.save_only_these_names(
+        'query_proj', 'key_proj', 'value_proj', 'attention_out', 'attention_proj'),
     'save_attn': jax.checkpoint_policies.save_only_these_names(
         'query_proj', 'key_proj', 'value_proj', 'attention_out'),
+    'save_qkv': jax.checkpoint_policies.save_only_these_names('query_proj', 'key_proj', 'value_proj'),
+    # Only each layer's input: the whole layer is recomputed (about a third more FLOPs).
     'full': jax.checkpoint_policies.nothing_saveable,
 }
 
@@ -210,8 +257,12 @@ class Transformer(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     # Gather from a table whose embed axis is whole on every device (as FSDP gathers any weight before
     # use): gathering from an embed-sharded table leaves XLA no cheap way to a batch-sharded result.
-    table = _constrain(self.token_embed, ('vocab', None))
-    x = jnp.take(table, tokens, axis=0).astype(cfg.dtype)
+    # Cast first, so that the gathered copy (and its gradient) is in the compute dtype: for a 128k
+    # vocabulary that is 1 GiB rather than 2 per device.
+    # Its gradient is reduce-scattered straight to the table's own sharding (not all-reduced whole).
+    table = _shard_gradient(self.token_embed, ('vocab', 'embed')).astype(cfg.dtype)
+    table = _constrain(table, ('vocab', None))
+    x = jnp.take(table, tokens, axis=0)
     x = _constrain(x, ('batch', 'length', 'act_embed'))
     if cfg.scan_layers:
       x, _ = self.layers(x, segment_ids, positions)
@@ -223,10 +274,12 @@ class Transformer(nn.Module):
   def logits(self, hidden):
     """Unembeds [..., D] hidden states into float32 logits [..., V]."""
     dtype = jnp.dtype(self.config.dtype)
+    # When the loss calls this once per sequence chunk (train/step.py), each call's weight gradient is
+    # reduce-scattered to the weight's own sharding at once, so that the sum over chunks is kept
+    # sharded: an unsharded float32 [D, V] accumulator is 2 GiB per device for a 128k vocabulary.
     if self.config.tie_embeddings:
-      w = self.token_embed.astype(dtype)
-      logits = jnp.einsum('BTD,VD->BTV', hidden, w, preferred_element_type=jnp.float32)
+      w = _shard_gradient(self.token_embed, ('vocab', 'embed')).astype(dtype).T
     else:
-      w = self.unembed.astype(dtype)
-      logits = jnp.einsum('BTD,DV->BTV', hidden, w, preferred_element_type=jnp.float32)
+      w = _shard_gradient(self.unembed, ('embed', 'vocab')).astype(dtype)
+    logits = _unembed(hidden.astype(dtype), w)
     return _constrain(logits, ('batch', 'length', 'act_vocab'))

@@ -3,6 +3,7 @@
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import optax
 
 # Parameters whose leaf name matches are not weight-decayed: RMSNorm scales and attention biases.
@@ -32,12 +33,34 @@ def weight_decay_mask(params):
       lambda path, _: not _leaf_name(path).endswith(NO_DECAY_SUFFIXES), params)
 
 
+def with_state_dtype(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+  """Stores every floating-point leaf of `tx`'s state (Adam's moments) in `dtype`.
+
+  The update itself runs in float32 (the state is promoted where it meets float32 gradients) and is
+  rounded back to `dtype` when stored: Adam's `mu` via its `mu_dtype`, `nu` because optax keeps `nu` in
+  the dtype it was created with.
+  """
+  dtype = jnp.dtype(dtype)
+
+  def init(params):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        tx.init(params))
+
+  return optax.GradientTransformation(init, tx.update)
+
+
 def make_optimizer(opt: Mapping[str, Any], total_steps: int):
-  """Returns (optax transformation, learning-rate schedule)."""
+  """Returns (optax transformation, learning-rate schedule).
+
+  `opt['state_dtype']` ('' by default: the parameters' dtype) sets the dtype of Adam's moments, e.g.
+  'bfloat16' to halve the optimizer state of float32 parameters.
+  """
   schedule = learning_rate_schedule(opt, total_steps)
+  state_dtype = opt.get('state_dtype', '') or None
   parts = []
   if opt['grad_clip'] > 0:
     parts.append(optax.clip_by_global_norm(opt['grad_clip']))
-  parts.append(optax.adamw(schedule, b1=opt['b1'], b2=opt['b2'], eps=opt['eps'],
-                           weight_decay=opt['weight_decay'], mask=weight_decay_mask))
+  adamw = optax.adamw(schedule, b1=opt['b1'], b2=opt['b2'], eps=opt['eps'], mu_dtype=state_dtype,
+                      weight_decay=opt['weight_decay'], mask=weight_decay_mask)
+  parts.append(with_state_dtype(adamw, state_dtype) if state_dtype else adamw)
   return optax.chain(*parts), schedule

@@ -19,20 +19,57 @@ from train.state import TrainState
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_weights')
 
 
-def loss_sums(model: Transformer, params, batch) -> dict[str, jax.Array]:
-  """Batch sums of weighted cross-entropy, weighted squared log-partition (z-loss), and weights.
-
-  Sums rather than means so that microbatches and eval batches add up exactly.
-  """
-  logits = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'])
+def _ce_sums(logits, targets, weights) -> dict[str, jax.Array]:
   log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logits = jnp.take_along_axis(logits, batch['targets'][..., None], axis=-1)[..., 0]
-  weights = batch['loss_weights'].astype(jnp.float32)
+  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  weights = weights.astype(jnp.float32)
   return {
       'ce': jnp.sum((log_z - target_logits) * weights),
       'z': jnp.sum(jnp.square(log_z) * weights),
       'weight': jnp.sum(weights),
   }
+
+
+def loss_chunks(seq_len: int, chunk_len: int) -> int:
+  """How many sequence chunks the loss is computed in: the fewest whose length divides `seq_len` and
+  is at most `chunk_len` (0: one chunk, the whole sequence)."""
+  if chunk_len <= 0 or chunk_len >= seq_len:
+    return 1
+  n = -(-seq_len // chunk_len)
+  while seq_len % n:
+    n += 1
+  return n
+
+
+def loss_sums(model: Transformer, params, batch) -> dict[str, jax.Array]:
+  """Batch sums of weighted cross-entropy, weighted squared log-partition (z-loss), and weights.
+
+  Sums rather than means so that microbatches and eval batches add up exactly. With
+  `model.config.loss_chunk_len` shorter than the sequence, the float32 logits exist for one chunk of
+  positions at a time, in the forward pass and (recomputed) in the backward pass: [B, T/n, V] instead
+  of [B, T, V], which for a 128k vocabulary is the largest activation of the whole step.
+  """
+  args = (batch['inputs'], batch['segment_ids'], batch['positions'])
+  targets, weights = batch['targets'], batch['loss_weights']
+  n = loss_chunks(targets.shape[1], model.config.loss_chunk_len)
+  if n == 1:
+    return _ce_sums(model.apply({'params': params}, *args), targets, weights)
+
+  hidden = model.apply({'params': params}, *args, method=Transformer.hidden_states)
+
+  def chunked(x):  # [B, T, ...] -> [n, B, T/n, ...], each chunk keeping the batch sharding
+    x = x.reshape((x.shape[0], n, x.shape[1] // n) + x.shape[2:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(x, (None,) + sharding_lib.BATCH_AXES + (None,) * (x.ndim - 3))
+
+  @jax.checkpoint  # the backward pass recomputes each chunk's logits rather than storing them all
+  def add_chunk(totals, chunk):
+    h, t, w = chunk
+    sums = _ce_sums(model.apply({'params': params}, h, method=Transformer.logits), t, w)
+    return jax.tree.map(jnp.add, totals, sums), None
+
+  zeros = {k: jnp.zeros((), jnp.float32) for k in ('ce', 'z', 'weight')}
+  sums, _ = jax.lax.scan(add_chunk, zeros, (chunked(hidden), chunked(targets), chunked(weights)))
+  return sums
 
 
 def split_microbatches(batch, num_microbatches: int):

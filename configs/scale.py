@@ -1,0 +1,49 @@
+"""Builds the 7-8B configs: one model preset, plus settings per TPU slice, plus an SFT variant.
+
+A config file made with `make` takes options after a colon, comma-separated:
+
+  --config=configs/llama2_7b.py            pretraining, settings for the default slice (v5p-8)
+  --config=configs/llama2_7b.py:v5e-8      pretraining, settings that fit a v5e-8
+  --config=configs/llama2_7b.py:v4-8,sft   instruction tuning, settings that fit a v4-8
+
+Every slice's settings (mesh, batch, rematerialisation, dtypes) were checked by compiling both steps
+for that slice with `python -m train.compile`; docs/benchmarks.md has the per-chip memory of each.
+"""
+
+from typing import Any
+
+from configs import default
+
+# Instruction tuning starts from a pretrained checkpoint (or an imported Hugging Face model).
+SFT = dict(lr=2e-5, warmup_steps=100, weight_decay=0.0, min_lr_ratio=0.0, steps=3000)
+
+
+def make(preset: str, slices: dict[str, dict[str, Any]], options: str, chat_template: str,
+         default_slice: str = 'v5p-8'):
+  opts = [o for o in options.split(',') if o]
+  unknown = [o for o in opts if o != 'sft' and o not in slices]
+  if unknown:
+    raise ValueError(f'Unknown config option(s) {unknown}; known: sft, {", ".join(slices)}')
+  chosen = [o for o in opts if o in slices]
+  settings = slices[chosen[-1] if chosen else default_slice]
+
+  c = default.get_config()
+  c.model = default.model_config(preset, remat_policy=settings['remat_policy'],
+                                 param_dtype=settings.get('param_dtype', 'float32'),
+                                 loss_chunk_len=settings.get('loss_chunk_len', 1024))
+  c.mesh.update(settings['mesh'])
+  c.train.update(dict(steps=100_000, batch_size=settings['batch_size'], seq_len=4096,
+                      grad_accum_steps=settings.get('grad_accum_steps', 1), log_every=10,
+                      eval_every=1000, eval_max_batches=10))
+  c.optimizer.update(dict(lr=3e-4, warmup_steps=2000, state_dtype=settings.get('state_dtype', '')))
+  c.checkpoint.update(dict(every_steps=1000, keep=3))
+  c.data.format = 'jsonl'
+  if 'sft' in opts:
+    c.init_from = ''
+    c.train.update(dict(steps=SFT['steps'], eval_every=200))
+    c.optimizer.update(dict(lr=SFT['lr'], warmup_steps=SFT['warmup_steps'],
+                            weight_decay=SFT['weight_decay'], min_lr_ratio=SFT['min_lr_ratio']))
+    c.checkpoint.every_steps = 500
+    c.data.format = 'chat'
+    c.data.chat_template = chat_template
+  return c

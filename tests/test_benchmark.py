@@ -1,0 +1,58 @@
+"""The benchmarks run and report what they claim; layer scan keeps the program size flat in depth."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs import tiny
+from data import benchmark as data_benchmark
+from model import ModelConfig, Transformer
+from train import benchmark
+
+
+def _micro_config():
+  c = tiny.get_config()
+  c.model.update(dict(vocab_size=256, embed_dim=64, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=32,
+                      mlp_dim=128))
+  c.train.update(dict(batch_size=8, seq_len=64))
+  c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
+  return c
+
+
+def test_train_benchmark_reports_throughput_and_mfu(monkeypatch):
+  monkeypatch.setattr(benchmark, 'measure_matmul_tflops', lambda dtype: 0.05)  # keep the test fast
+  r = benchmark.benchmark(_micro_config(), steps=2, warmup=1)
+  assert r['devices'] == jax.device_count() and r['batch_size'] == 8
+  tokens = 8 * 64
+  assert r['tokens_per_s_per_device'] == pytest.approx(tokens / (r['step_ms'] / 1000) / r['devices'])
+  assert r['tflops_per_device'] > 0 and r['compile_s'] > 0
+  assert r['mfu'] == pytest.approx(r['tflops_per_device'] / 0.05)
+  assert r['temp_gib'] > 0 and r['host_peak_rss_gib'] > 0
+  text = benchmark.format_result(r, 'micro')
+  assert "this machine's measured matmul rate" in text and 'compile time' in text
+
+
+def test_matmul_rate_is_measured():
+  assert 1e-4 < benchmark.measure_matmul_tflops('float32', n=256, repeats=2) < 1e3
+
+
+def _hlo_size(n_layers):
+  cfg = ModelConfig(vocab_size=256, embed_dim=64, n_layers=n_layers, n_heads=2, n_kv_heads=1,
+                    head_dim=32, mlp_dim=128, dtype='float32', max_seq_len=64)
+  model = Transformer(cfg)
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  tokens = jnp.zeros((2, 64), jnp.int32)
+  grad = jax.grad(lambda p: jnp.mean(model.apply(p, tokens)))
+  return len(jax.jit(grad).lower(params).as_text())
+
+
+def test_scanned_program_does_not_grow_with_depth():
+  """Why 32 layers compile about as fast as 4 (docs/benchmarks.md has the measured times)."""
+  assert _hlo_size(32) < 1.05 * _hlo_size(4)
+
+
+def test_data_benchmark_measures_the_pretraining_pipeline(demo_data):
+  r = data_benchmark.benchmark_pretraining(demo_data['train'], demo_data['tokenizer'], seq_len=256,
+                                           batch=4, seconds=1.0)
+  assert r['batches'] > 0 and r['tokens_per_s'] > 0
+  assert r['fill'] == pytest.approx(1.0)  # pretraining rows are packed full

@@ -1,0 +1,76 @@
+"""Compiling the real train step for a TPU slice on this CPU-only machine (libtpu, compile-only devices)."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import tiny
+from train import compile as compile_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_parse_topology():
+  t = compile_lib.parse_topology('v5p-8')
+  assert (t.chip.generation, t.grid, t.num_chips, t.chip.hbm_gib) == ('v5p', '2x2x1', 4, 95)
+  assert compile_lib.parse_topology('v4-8').num_chips == 4
+  assert compile_lib.parse_topology('v5e-8').grid == '2x4'
+  assert compile_lib.parse_topology('v5litepod-16').num_chips == 16
+  assert compile_lib.parse_topology('v5p:2x2x2').num_chips == 8
+  with pytest.raises(ValueError, match='No standard v5p slice of size 6'):
+    compile_lib.parse_topology('v5p-6')
+  with pytest.raises(ValueError, match='Unknown topology'):
+    compile_lib.parse_topology('h100')
+
+
+@pytest.fixture(scope='module')
+def tiny_report():
+  config = tiny.get_config()
+  config.train.batch_size, config.train.seq_len = 8, 256
+  return compile_lib.compile_step(config, compile_lib.parse_topology('v5e-4'), 'tiny')
+
+
+def test_tiny_compiles_for_a_tpu_slice(tiny_report):
+  r = tiny_report
+  assert r.mesh == {'data': 1, 'fsdp': 4, 'tensor': 1}
+  assert r.attention == 'splash' and 'tpu_custom_call' in r.custom_calls  # the Pallas kernel
+  assert r.fits and 0 < r.total < r.hbm
+  # Arguments are this chip's quarter of params + two Adam moments, in float32.
+  params = 1_311_872
+  assert r.state == pytest.approx(3 * 4 * params / 4, rel=0.01)
+  assert r.argument >= r.state and r.temp > 0
+  assert 'fits' in r.summary() and 'per chip' in r.summary()
+
+
+def test_advice_when_it_does_not_fit(tiny_report):
+  small_chip = dataclasses.replace(tiny_report.topology.chip, hbm_gib=0.001)
+  report = dataclasses.replace(tiny_report, topology=dataclasses.replace(tiny_report.topology,
+                                                                          chip=small_chip))
+  assert not report.fits and 'does NOT fit' in report.summary()
+  advice = compile_lib.advice(report, tiny.get_config())
+  assert '--config.model.remat_policy=full' in advice
+  assert '--config.optimizer.state_dtype=bfloat16' in advice
+  assert 'larger slice' in advice
+
+
+def test_config_variants():
+  assert compile_lib.sft_variant('configs/llama2_7b.py:v4-8') == 'configs/llama2_7b.py:v4-8,sft'
+  assert compile_lib.sft_variant('configs/llama2_7b.py') == 'configs/llama2_7b.py:sft'
+  assert compile_lib.sft_variant('configs/tiny.py') is None
+  sft = compile_lib.load_config('configs/llama3_8b.py:v5e-8,sft')
+  assert sft.data.format == 'chat' and sft.data.chat_template == 'llama3'
+  assert sft.train.seq_len == 4096 and sft.mesh.fsdp == -1
+  with pytest.raises(ValueError, match='Unknown config option'):
+    compile_lib.load_config('configs/llama3_8b.py:v9-8')
+
+
+def test_command_line():
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+  cmd = [sys.executable, '-m', 'train.compile', '--config=configs/tiny.py', '--topology=v5e-1',
+         '--config.train.batch_size=2', '--config.train.seq_len=128', '--config.train.steps=10']
+  ok = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  assert 'fits' in ok.stdout and 'of 16.00 GiB HBM' in ok.stdout

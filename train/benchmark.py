@@ -1,0 +1,152 @@
+"""Times the real train step on synthetic batches: step time, throughput, MFU, compile time, memory.
+
+  python -m train.benchmark --config=configs/tiny.py [--steps 20] [--config.train.batch_size=32 ...]
+
+The step is `Run(config).train_step()`, exactly what `train.pretrain` runs, fed with device-resident
+synthetic batches (numpy only, no TensorFlow), so the figures measure the step and nothing else.
+MFU counts model FLOPs as MaxText does (train/metrics.py) against the chip's peak bf16 rate; on CPU,
+which has no published peak, against this machine's own measured matmul rate in the model's dtype.
+"""
+
+import json
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from data.synthetic import synthetic_global_batch
+from train import loop
+from train import metrics as metrics_lib
+from train import state as state_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.', lock_config=True)
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after the warmup steps).')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+_JSON = flags.DEFINE_string('json', '', 'Also write the results to this JSON file.')
+
+
+def measure_matmul_tflops(dtype='float32', n: int = 2048, repeats: int = 5) -> float:
+  """This machine's sustained [n, n] x [n, n] matmul rate on the default device (best of `repeats`)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype))
+  # A chain of 4 dependent matmuls per call amortises the dispatch.
+  chain = jax.jit(lambda a, b: ((((a @ b) @ b) @ b) @ b))
+  jax.block_until_ready(chain(a, b))
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(chain(a, b))
+    best = min(best, time.perf_counter() - start)
+  return 4 * 2 * n ** 3 / best / 1e12
+
+
+def memory_summary(compiled) -> dict[str, float]:
+  """Per-device bytes from the compiler (arguments, outputs, temporaries), and the runtime peak where
+  the device reports one (accelerators), else this process's peak resident memory (CPU)."""
+  out = {}
+  analysis = compiled.memory_analysis()
+  if analysis is not None:
+    out['argument_gib'] = analysis.argument_size_in_bytes / 2 ** 30
+    out['output_gib'] = analysis.output_size_in_bytes / 2 ** 30
+    out['temp_gib'] = analysis.temp_size_in_bytes / 2 ** 30
+    out['compiled_total_gib'] = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                                 - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes) / 2 ** 30
+  stats = jax.devices()[0].memory_stats()
+  if stats and 'peak_bytes_in_use' in stats:
+    out['device_peak_gib'] = stats['peak_bytes_in_use'] / 2 ** 30
+  else:
+    out['host_peak_rss_gib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30
+  return out
+
+
+def benchmark(config, steps: int = 10, warmup: int = 2) -> dict[str, float]:
+  run = loop.Run(config)
+  tcfg, cfg = config.train, run.model_config
+  state = state_lib.init_state(run.model, run.tx, run.mesh, tcfg.seed)
+  # Two distinct device-resident batches, alternated, so that no host work is timed.
+  batches = [run.global_batch(synthetic_global_batch(tcfg.seed, i, tcfg.batch_size, tcfg.seq_len,
+                                                     cfg.vocab_size)) for i in range(2)]
+  jax.block_until_ready(batches)
+
+  start = time.perf_counter()
+  lowered = run.train_step().lower(state, batches[0])
+  lower_s = time.perf_counter() - start
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+
+  for i in range(warmup):
+    state, metrics = compiled(state, batches[i % 2])
+  jax.block_until_ready(state)
+  times = []
+  for i in range(steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, batches[i % 2])
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - t)
+  loss = float(metrics['loss'])
+  if not np.isfinite(loss):
+    raise FloatingPointError(f'loss is {loss} after {warmup + steps} steps')
+
+  step_s = statistics.median(times)
+  n_dev = jax.device_count()
+  tokens = tcfg.batch_size * tcfg.seq_len
+  flops = metrics_lib.train_flops_per_token(cfg, tcfg.seq_len) * tokens
+  result = {
+      'devices': n_dev, 'device_kind': jax.devices()[0].device_kind,
+      'params': sum(x.size for x in jax.tree.leaves(state.params)),
+      'batch_size': tcfg.batch_size, 'seq_len': tcfg.seq_len,
+      'step_ms': 1000 * step_s, 'step_ms_min': 1000 * min(times),
+      'tokens_per_s_per_device': tokens / step_s / n_dev,
+      'tflops_per_device': flops / step_s / n_dev / 1e12,
+      'lower_s': lower_s, 'compile_s': compile_s, 'loss': loss,
+  }
+  peak = metrics_lib.peak_tflops()
+  if peak:
+    result['peak_tflops'] = peak
+  elif jax.default_backend() == 'cpu':
+    # Matmuls here run in the model's dtype, so that is the rate to compare against.
+    peak = measure_matmul_tflops(cfg.dtype)
+    result['measured_matmul_tflops'] = peak
+  if peak:
+    result['mfu'] = result['tflops_per_device'] / peak
+  result.update(memory_summary(compiled))
+  return result
+
+
+def format_result(r: dict[str, float], name: str = '') -> str:
+  lines = [f"{name} on {r['devices']} x {r['device_kind']}: {r['params']:,} params, batch "
+           f"{r['batch_size']} x {r['seq_len']}",
+           f"  step time        {r['step_ms']:.1f} ms (median; min {r['step_ms_min']:.1f} ms)",
+           f"  tokens/s/device  {r['tokens_per_s_per_device']:,.0f}",
+           f"  model TFLOP/s    {r['tflops_per_device']:.4f} per device"]
+  if 'mfu' in r:
+    against = (f"{r['peak_tflops']:.0f} TFLOP/s peak" if 'peak_tflops' in r else
+               f"this machine's measured matmul rate, {r['measured_matmul_tflops']:.4f} TFLOP/s")
+    lines.append(f"  MFU              {100 * r['mfu']:.1f}% of {against}")
+  lines.append(f"  compile time     {r['compile_s']:.2f} s (trace + lower {r['lower_s']:.2f} s)")
+  mem = [f"{k[:-4]} {r[k]:.3f} GiB" for k in ('argument_gib', 'output_gib', 'temp_gib',
+                                              'compiled_total_gib', 'device_peak_gib',
+                                              'host_peak_rss_gib') if k in r]
+  lines.append('  memory/device    ' + ', '.join(mem))
+  return '\n'.join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  result = benchmark(config, _STEPS.value, _WARMUP.value)
+  print(format_result(result, config.model.get('preset', 'model')))
+  if _JSON.value:
+    with open(_JSON.value, 'w', encoding='utf-8') as f:
+      json.dump(result, f, indent=2)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
