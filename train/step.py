@@ -112,14 +112,22 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation, schedu
     grads, sums = accumulated_grads(state.params, batch)
     total_weight = jnp.maximum(sums['weight'], 1.0)
     grads = jax.tree.map(lambda g: g / total_weight.astype(g.dtype), grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # A non-finite loss or gradient leaves parameters and optimizer state exactly as they were; the
+    # step still counts (its batch was consumed), and the loop decides when too many in a row is fatal.
+    finite = jnp.isfinite(sums['ce'] + z_loss * sums['z']) & jnp.isfinite(grad_norm)
+    keep_if_bad = lambda new, old: jnp.where(finite, new, old)
+    params = jax.tree.map(keep_if_bad, params, state.params)
+    opt_state = jax.tree.map(keep_if_bad, opt_state, state.opt_state)
     metrics = {
         'loss': sums['ce'] / total_weight,
         'z_loss': sums['z'] / total_weight,
-        'grad_norm': optax.tree.norm(grads),
+        'grad_norm': grad_norm,
         'learning_rate': schedule(state.step),
         'tokens': sums['weight'],
+        'skipped': 1 - finite.astype(jnp.int32),
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
