@@ -49,3 +49,19 @@ def test_wandb_logs_and_resumes_the_same_run(tmp_path, monkeypatch):
   assert [i['id'] for i in inits] == ['run123', 'run123'] and inits[0]['resume'] == 'allow'
   assert inits[0]['project'] == 'proj' and inits[0]['config'] == {'a': 1}
   assert ('log', 5, {'loss': 1.5}) in calls and calls[-1] == ('finish',)
+
+
+def test_jsonl_on_an_object_store_is_rewritten_not_appended(tmp_path, monkeypatch):
+  """gs:// files cannot be appended to: the log keeps its lines and rewrites the file."""
+  monkeypatch.setattr(metrics, 'is_remote', lambda path: True)
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 1}\n')  # an earlier run of the same workdir
+  log = metrics.JsonlLog(str(path), rewrite_every_s=3600)
+  log.append({'step': 2})
+  assert path.read_text() == '{"step": 1}\n'  # not yet rewritten
+  log.append({'step': 3})
+  log.close()
+  assert [json.loads(line)['step'] for line in path.read_text().splitlines()] == [1, 2, 3]
+  log = metrics.JsonlLog(str(path), rewrite_every_s=0)
+  log.append({'step': 4})
+  assert json.loads(path.read_text().splitlines()[-1]) == {'step': 4}

@@ -6,8 +6,10 @@ folder alone is enough to rebuild the model). Orbax writes a step to a temporary
 only when every host has finished, so an interrupted save never looks like a checkpoint.
 """
 
+import contextlib
 import dataclasses
 import json
+import logging as std_logging
 from typing import Any
 
 import jax
@@ -138,11 +140,25 @@ def load_model_config(path: str) -> ModelConfig:
   return ModelConfig.from_dict(json.loads(meta.read_text()))
 
 
+@contextlib.contextmanager
+def _reading_one_item():
+  """Orbax warns that a step's metadata file is missing when one item folder is read on its own (as
+  here, to read only the parameters); the step folder does have it, so the warning is noise."""
+  noise = lambda record: 'Metadata file does not exist' not in record.getMessage()
+  logger = std_logging.getLogger('absl')
+  logger.addFilter(noise)
+  try:
+    yield
+  finally:
+    logger.removeFilter(noise)
+
+
 def check_params_match(path: str, abstract_params: Any):
   """Raises a ValueError naming the first parameter missing from, or shaped differently in, the
   checkpoint at `path`. Reads metadata only."""
   state_dir = resolve_step_dir(path) / 'state'
-  saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree['params']
+  with _reading_one_item():
+    saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree['params']
   _check_same_shapes(saved, abstract_params, str(state_dir))
 
 
@@ -153,11 +169,11 @@ def load_params(path: str, abstract_params: Any) -> Any:
   """
   check_params_match(path, abstract_params)
   state_dir = resolve_step_dir(path) / 'state'
-  checkpointer = ocp.PyTreeCheckpointer()
-  restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-      item={'params': abstract_params},
-      restore_args={'params': ocp.checkpoint_utils.construct_restore_args(abstract_params)},
-      partial_restore=True))
+  with _reading_one_item():
+    restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+        item={'params': abstract_params},
+        restore_args={'params': ocp.checkpoint_utils.construct_restore_args(abstract_params)},
+        partial_restore=True))
   return restored['params']
 
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Protocol
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from model import ModelConfig, Transformer
@@ -149,9 +150,8 @@ class Trainer:
     self.resumed_from = self.ckpt.latest_step()
     validate.check_workdir(config, workdir, self.resumed_from is not None)
     if self.primary:
-      os.makedirs(workdir, exist_ok=True)
-      with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-        f.write(config.to_json_best_effort(indent=2))
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      _write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
     self.writer = metrics_lib.MetricWriter(
         workdir, enabled=self.primary, wandb_project=config.logging.wandb_project,
         wandb_entity=config.logging.wandb_entity, run_config=json.loads(config.to_json_best_effort()))
@@ -306,13 +306,20 @@ def train(config: Any, workdir: str, data: DataSource,
 
 
 def _write_json(path: str, value, append_to_existing: bool = False):
-  """Writes atomically. With `append_to_existing`, `value` (a list) extends what a previous run of
-  the same workdir wrote, minus entries for steps this run has redone."""
-  if append_to_existing and os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      earlier = json.load(f)
+  """With `append_to_existing`, `value` (a list) extends what a previous run of the same workdir
+  wrote, minus entries for steps this run has redone."""
+  if append_to_existing and epath.Path(path).exists():
+    earlier = json.loads(epath.Path(path).read_text())
     first_step = value[0]['step']
     value = [e for e in earlier if e['step'] < first_step] + value
+  _write_text(path, json.dumps(value, indent=2))
+
+
+def _write_text(path: str, text: str):
+  """Local files are replaced atomically; on object stores (gs://) a single write is atomic already."""
+  if metrics_lib.is_remote(path):
+    epath.Path(path).write_text(text)
+    return
   with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    json.dump(value, f, indent=2)
+    f.write(text)
   os.replace(path + '.tmp', path)

@@ -5,6 +5,8 @@ import os
 import time
 
 import jax
+from absl import logging
+from etils import epath
 
 from model import ModelConfig
 
@@ -48,9 +50,51 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return 6 * matmul_params(cfg) + attention
 
 
+def is_remote(path: str) -> bool:
+  """An object-store path (gs://...), where files cannot be appended to."""
+  return '://' in str(path)
+
+
+class JsonlLog:
+  """One JSON record per line. Appended to locally; on object stores, where appending is impossible,
+  the whole file is rewritten at most every `rewrite_every_s` seconds and on close."""
+
+  def __init__(self, path: str, rewrite_every_s: float = 60.0):
+    self.path = epath.Path(path)
+    self._remote = is_remote(path)
+    self._rewrite_every_s = rewrite_every_s
+    if self._remote:
+      self._lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+      self._written_at = time.monotonic()
+    else:
+      self._file = open(path, 'a', encoding='utf-8')
+
+  def append(self, record: dict):
+    line = json.dumps(record) + '\n'
+    if not self._remote:
+      self._file.write(line)
+      self._file.flush()
+      return
+    self._lines.append(line)
+    if time.monotonic() - self._written_at >= self._rewrite_every_s:
+      self.flush()
+
+  def flush(self):
+    if self._remote:
+      self.path.write_text(''.join(self._lines))
+      self._written_at = time.monotonic()
+
+  def close(self):
+    if self._remote:
+      self.flush()
+    else:
+      self._file.close()
+
+
 class MetricWriter:
   """Writes scalars to TensorBoard event files and to `metrics.jsonl`, from the primary host only;
-  also to Weights & Biases when `wandb_project` is set (the run resumes with the workdir)."""
+  also to Weights & Biases when `wandb_project` is set (the run resumes with the workdir). The
+  workdir may be local or on an object store (gs://)."""
 
   def __init__(self, workdir: str, enabled: bool = True, wandb_project: str = '',
                wandb_entity: str = '', run_config: dict | None = None):
@@ -60,22 +104,17 @@ class MetricWriter:
     self._wandb = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
-    try:
-      import tensorboardX  # pylint: disable=import-outside-toplevel
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
-    except ImportError:
-      self._tb = None  # The GPU benchmark image has no tensorboardX; metrics.jsonl still has it all.
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    self._jsonl = JsonlLog(os.path.join(workdir, 'metrics.jsonl'))
+    self._tb = _tensorboard_writer(os.path.join(workdir, 'tensorboard'))
     if wandb_project:
       self._wandb = _start_wandb(workdir, wandb_project, wandb_entity, run_config)
 
   def write(self, step: int, scalars: dict[str, float]):
     if not self.enabled:
       return
-    record = {'step': int(step), 'time': time.time(), **{k: float(v) for k, v in scalars.items()}}
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
+    self._jsonl.append({'step': int(step), 'time': time.time(),
+                        **{k: float(v) for k, v in scalars.items()}})
     if self._tb is not None:
       for k, v in scalars.items():
         self._tb.add_scalar(k, float(v), int(step))
@@ -92,6 +131,19 @@ class MetricWriter:
       self._wandb.finish()
 
 
+def _tensorboard_writer(logdir: str):
+  try:
+    import tensorboardX  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None  # The GPU benchmark image has no tensorboardX; metrics.jsonl still has it all.
+  try:
+    return tensorboardX.SummaryWriter(logdir)
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    logging.warning('No TensorBoard events for %s (%s); metrics.jsonl still has every scalar. For gs:// '
+                    'workdirs tensorboardX needs `pip install google-cloud-storage`.', logdir, e)
+    return None
+
+
 def _start_wandb(workdir: str, project: str, entity: str, run_config: dict | None):
   try:
     import wandb  # pylint: disable=import-outside-toplevel
@@ -99,13 +151,13 @@ def _start_wandb(workdir: str, project: str, entity: str, run_config: dict | Non
     raise ImportError(f'config.logging.wandb_project is {project!r} but the wandb package is not '
                       'installed: `pip install wandb`, or leave config.logging.wandb_project empty') from None
   # One W&B run per workdir: a resumed training run continues the same W&B run.
-  id_file = os.path.join(workdir, 'wandb_run_id.txt')
-  if os.path.exists(id_file):
-    with open(id_file, encoding='utf-8') as f:
-      run_id = f.read().strip()
+  id_file = epath.Path(workdir) / 'wandb_run_id.txt'
+  if id_file.exists():
+    run_id = id_file.read_text().strip()
   else:
     run_id = wandb.util.generate_id()
-    with open(id_file, 'w', encoding='utf-8') as f:
-      f.write(run_id)
-  return wandb.init(project=project, entity=entity or None, id=run_id, resume='allow', dir=workdir,
-                    config=run_config, name=os.path.basename(os.path.abspath(workdir)))
+    id_file.write_text(run_id)
+  # W&B keeps its own files on local disk; the workdir may be remote.
+  local_dir = None if is_remote(workdir) else workdir
+  return wandb.init(project=project, entity=entity or None, id=run_id, resume='allow', dir=local_dir,
+                    config=run_config, name=os.path.basename(str(workdir).rstrip('/')))

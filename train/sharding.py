@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import glob
 import math
 import os
 from typing import Any, Mapping, Sequence
@@ -124,8 +125,10 @@ def maybe_initialize_distributed(coordinator_address: str = '', num_processes: i
                                  process_id: int = -1) -> bool:
   """Joins a multi-process JAX run when one is configured or detected. Returns whether it did.
 
-  Explicit arguments win (any cluster, CPU included). Otherwise multi-host TPU VMs and SLURM jobs with
-  several tasks are detected from their environment and JAX fills in the details itself.
+  Explicit arguments win (any cluster, CPU included). Otherwise Cloud TPU VMs (found by their TPU
+  device files; JAX then reads the slice's workers from the metadata server, and a single-host slice
+  simply becomes one process), GKE TPU pods and SLURM jobs with several tasks are detected, and JAX
+  fills in the details itself.
   """
   if jax.distributed.is_initialized():
     return True
@@ -136,7 +139,8 @@ def maybe_initialize_distributed(coordinator_address: str = '', num_processes: i
                                process_id=process_id)
     return True
   tpu_hosts = [h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]
-  if len(tpu_hosts) > 1 or int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+  on_tpu_vm = bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'))
+  if on_tpu_vm or len(tpu_hosts) > 1 or int(os.environ.get('SLURM_NTASKS', '1')) > 1:
     jax.distributed.initialize()
     return True
   return False

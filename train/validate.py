@@ -4,8 +4,9 @@ Every problem found is reported at once, each naming the config key and what was
 """
 
 import json
-import os
 from typing import Any
+
+from etils import epath
 
 from model import ModelConfig
 from train import sharding as sharding_lib
@@ -81,11 +82,10 @@ def _flatten(tree, prefix=''):
 
 def check_workdir(config: Any, workdir: str, has_checkpoint: bool):
   """Refuses to resume a workdir whose run used a different config, unless told to override."""
-  path = os.path.join(workdir, 'config.json')
-  if not has_checkpoint or not os.path.exists(path):
+  path = epath.Path(workdir) / 'config.json'
+  if not has_checkpoint or not path.exists():
     return
-  with open(path, encoding='utf-8') as f:
-    saved = _flatten(json.load(f))
+  saved = _flatten(json.loads(path.read_text()))
   current = _flatten(json.loads(config.to_json_best_effort()))
   changed = [f'{k}: {saved.get(k, "<absent>")!r} -> {current.get(k, "<absent>")!r}'
              for k in sorted(set(saved) | set(current))
