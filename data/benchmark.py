@@ -9,6 +9,7 @@ SentencePiece tokenizer in a temporary folder. Throughput counts every row slot 
 batch) and, separately, the slots holding real tokens (not padding): what the train step receives.
 """
 
+import json
 import os
 import tempfile
 import time
@@ -17,14 +18,7 @@ from absl import app, flags
 
 import numpy as np
 
-_SEQ_LEN = flags.DEFINE_integer('seq_len', 4096, 'Row length.')
-_BATCH = flags.DEFINE_integer('batch_size', 8, 'Rows per batch (per host).')
-_SECONDS = flags.DEFINE_float('seconds', 10.0, 'Time each pipeline for about this long.')
-_TRAIN_FILES = flags.DEFINE_string('train_files', '', 'Pretraining JSONL files (default: demo corpus).')
-_SFT_FILES = flags.DEFINE_string('sft_files', '', 'Chat-format JSONL files (default: demo task).')
-_TOKENIZER = flags.DEFINE_string('tokenizer', '', 'SentencePiece .model or tokenizer.json '
-                                 '(default: one trained on the demo corpus).')
-_VOCAB = flags.DEFINE_integer('vocab_size', 8000, 'Vocabulary of the tokenizer trained by default.')
+FLAGS = flags.FLAGS  # defined by _define_flags() when run as a program
 
 
 def measure(iterator, seconds: float, warmup_batches: int = 2) -> dict[str, float]:
@@ -50,16 +44,35 @@ def data_config(**overrides):
   return c
 
 
-def demo_inputs(root: str, vocab_size: int) -> tuple[str, str, str]:
-  """(pretraining files, chat files, tokenizer) built from the demo corpus under `root`."""
+def write_conversations(corpus_file: str, out_file: str, turns: int = 2, chars: int = 600) -> int:
+  """Chat records of `turns` user/assistant exchanges, each message a `chars`-character slice of one
+  corpus document: instruction-tuning examples of a realistic length (a few hundred tokens)."""
+  n = 0
+  with open(corpus_file, encoding='utf-8') as src, open(out_file, 'w', encoding='utf-8') as out:
+    for line in src:
+      text = json.loads(line)['text']
+      parts = [text[i:i + chars] for i in range(0, min(len(text), 2 * turns * chars), chars)]
+      if len(parts) < 2:
+        continue
+      roles = ['user', 'assistant'] * turns
+      messages = [{'role': r, 'content': p} for r, p in zip(roles, parts[:len(parts) // 2 * 2])]
+      out.write(json.dumps({'messages': messages}) + '\n')
+      n += 1
+  return n
+
+
+def demo_inputs(root: str, vocab_size: int) -> tuple[str, str, str, str]:
+  """(pretraining files, short chat files, long chat files, tokenizer) from the demo corpus."""
   from data import demo_corpus, sources, tokenizer  # pylint: disable=import-outside-toplevel
   corpus, sft = os.path.join(root, 'corpus'), os.path.join(root, 'sft')
   demo_corpus.write_corpus(corpus)
   demo_corpus.write_instruction_task(corpus, sft, n_train=20000, n_eval=10)
-  model = os.path.join(root, 'tokenizer.model')
   train = os.path.join(corpus, 'train.jsonl')
+  conversations = os.path.join(root, 'conversations.jsonl')
+  write_conversations(train, conversations)
+  model = os.path.join(root, 'tokenizer.model')
   tokenizer.train_sentencepiece(sources.iter_texts_python([train], 'jsonl'), model, vocab_size)
-  return train, os.path.join(sft, 'train.jsonl'), model
+  return train, os.path.join(sft, 'train.jsonl'), conversations, model
 
 
 def benchmark_pretraining(files: str, tokenizer: str, seq_len: int, batch: int, seconds: float):
@@ -76,33 +89,55 @@ def benchmark_sft(files: str, tokenizer: str, seq_len: int, batch: int, seconds:
   load_s = time.perf_counter() - start
   n_tokens = sum(len(ids) for ids, _ in data.train_examples)
   result = measure(data.train_iterator(0, 1, batch), seconds)
-  result.update(examples=len(data.train_examples), load_s=load_s, load_tokens_per_s=n_tokens / load_s)
+  result.update(examples=len(data.train_examples), load_s=load_s, load_tokens=n_tokens,
+                load_tokens_per_s=n_tokens / load_s)
   return result
+
+
+def _sft_line(name: str, r: dict) -> str:
+  per_example = r['load_tokens'] / max(r['examples'], 1)
+  return (f"SFT packing, {name} ({r['examples']:,} examples, {per_example:,.0f} tokens each on "
+          f"average): {r['tokens_per_s']:,.0f} tokens/s ({r['real_tokens_per_s']:,.0f} real, "
+          f"{100 * r['fill']:.1f}% filled; {r['batches']} batches in {r['seconds']:.1f} s); template + "
+          f"tokenize up front: {r['load_s']:.1f} s ({r['load_tokens_per_s']:,.0f} tokens/s)")
 
 
 def main(argv):
   del argv
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  seq_len, batch, seconds = _SEQ_LEN.value, _BATCH.value, _SECONDS.value
+  seq_len, batch, seconds = FLAGS.seq_len, FLAGS.batch_size, FLAGS.seconds
   with tempfile.TemporaryDirectory() as tmp:
-    train, sft, tokenizer = _TRAIN_FILES.value, _SFT_FILES.value, _TOKENIZER.value
+    train, tokenizer = FLAGS.train_files, FLAGS.tokenizer
+    sft = [('your files', FLAGS.sft_files)] if FLAGS.sft_files else []
     if not (train and sft and tokenizer):
       start = time.perf_counter()
-      demo_train, demo_sft, demo_tokenizer = demo_inputs(tmp, _VOCAB.value)
-      train, sft, tokenizer = train or demo_train, sft or demo_sft, tokenizer or demo_tokenizer
-      print(f'Built the demo corpus, chat task and tokenizer in {time.perf_counter() - start:.0f} s')
+      demo_train, demo_short, demo_long, demo_tokenizer = demo_inputs(tmp, FLAGS.vocab_size)
+      train, tokenizer = train or demo_train, tokenizer or demo_tokenizer
+      sft = sft or [('demo question task', demo_short), ('2-turn conversations', demo_long)]
+      print(f'Built the demo corpus, chat data and tokenizer in {time.perf_counter() - start:.0f} s')
     print(f'{os.cpu_count()} CPU cores; rows of {seq_len} tokens, batches of {batch} rows')
     pre = benchmark_pretraining(train, tokenizer, seq_len, batch, seconds)
     print(f"pretraining (read JSONL, tokenize, pack): {pre['tokens_per_s']:,.0f} tokens/s "
           f"({pre['real_tokens_per_s']:,.0f} real, {100 * pre['fill']:.1f}% filled; "
-          f"{pre['batches']} batches in {pre['seconds']:.1f} s)")
-    sft_result = benchmark_sft(sft, tokenizer, seq_len, batch, seconds)
-    print(f"SFT packing (greedy, whole examples): {sft_result['tokens_per_s']:,.0f} tokens/s "
-          f"({sft_result['real_tokens_per_s']:,.0f} real, {100 * sft_result['fill']:.1f}% filled; "
-          f"{sft_result['batches']} batches in {sft_result['seconds']:.1f} s); template + tokenize "
-          f"{sft_result['examples']:,} examples up front: {sft_result['load_s']:.1f} s "
-          f"({sft_result['load_tokens_per_s']:,.0f} tokens/s)")
+          f"{pre['batches']} batches in {pre['seconds']:.1f} s)", flush=True)
+    for name, files in sft:
+      print(_sft_line(name, benchmark_sft(files, tokenizer, seq_len, batch, seconds)), flush=True)
+
+
+def _define_flags():
+  """Only when run as a program: importing this module (tests do) must not define flags that another
+  entry point also defines."""
+  flags.DEFINE_integer('seq_len', 4096, 'Row length.')
+  flags.DEFINE_integer('batch_size', 8, 'Rows per batch (per host).')
+  flags.DEFINE_float('seconds', 10.0, 'Time each pipeline for about this long.')
+  flags.DEFINE_string('train_files', '', 'Pretraining JSONL files (default: demo corpus).')
+  flags.DEFINE_string('sft_files', '', 'Chat-format JSONL files (default: the demo question '
+                      'task, and 2-turn conversations cut from the demo corpus).')
+  flags.DEFINE_string('tokenizer', '', 'SentencePiece .model or tokenizer.json '
+                      '(default: one trained on the demo corpus).')
+  flags.DEFINE_integer('vocab_size', 8000, 'Vocabulary of the tokenizer trained by default.')
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

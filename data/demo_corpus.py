@@ -26,11 +26,7 @@ from typing import Iterator
 import tqdm
 from absl import app, flags
 
-_OUT = flags.DEFINE_string('out', 'demo/data', 'Output folder for train.jsonl and eval.jsonl.')
-_EVAL_PERCENT = flags.DEFINE_integer('eval_percent', 5, 'Share of documents held out for evaluation.')
-_SFT_OUT = flags.DEFINE_string('sft_out', '', 'If set, also write the instruction set here.')
-_SFT_TRAIN = flags.DEFINE_integer('sft_train_examples', 6000, 'Training questions to write.')
-_SFT_EVAL = flags.DEFINE_integer('sft_eval_examples', 150, 'Held-out questions to write.')
+FLAGS = flags.FLAGS  # defined by _define_flags() when run as a program
 
 MIN_DOCSTRING_CHARS = 200
 TOPIC_CHUNK_CHARS = 1000
@@ -152,12 +148,24 @@ def write_instruction_task(corpus_dir: str, out_dir: str, n_train: int, n_eval: 
 
 def main(argv):
   del argv
-  counts = write_corpus(_OUT.value, _EVAL_PERCENT.value)
-  print(f"Wrote {counts['train']} train and {counts['eval']} eval documents to {_OUT.value}/")
-  if _SFT_OUT.value:
-    counts = write_instruction_task(_OUT.value, _SFT_OUT.value, _SFT_TRAIN.value, _SFT_EVAL.value)
-    print(f"Wrote {counts['train']} train and {counts['eval']} held-out questions to {_SFT_OUT.value}/")
+  counts = write_corpus(FLAGS.out, FLAGS.eval_percent)
+  print(f"Wrote {counts['train']} train and {counts['eval']} eval documents to {FLAGS.out}/")
+  if FLAGS.sft_out:
+    counts = write_instruction_task(FLAGS.out, FLAGS.sft_out, FLAGS.sft_train_examples,
+                                    FLAGS.sft_eval_examples)
+    print(f"Wrote {counts['train']} train and {counts['eval']} held-out questions to {FLAGS.sft_out}/")
+
+
+def _define_flags():
+  """Only when run as a program: importing this module (tests do) must not define flags that another
+  entry point also defines."""
+  flags.DEFINE_string('out', 'demo/data', 'Output folder for train.jsonl and eval.jsonl.')
+  flags.DEFINE_integer('eval_percent', 5, 'Share of documents held out for evaluation.')
+  flags.DEFINE_string('sft_out', '', 'If set, also write the instruction set here.')
+  flags.DEFINE_integer('sft_train_examples', 6000, 'Training questions to write.')
+  flags.DEFINE_integer('sft_eval_examples', 150, 'Held-out questions to write.')
 
 
 if __name__ == '__main__':
+  _define_flags()
   sys.exit(app.run(main))

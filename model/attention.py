@@ -55,13 +55,15 @@ def xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset=0):
 # chunked: causal block skipping and a recomputing backward pass, in plain XLA.
 
 # Query rows per chunk. Chunk i reads keys [0, end of chunk i): with c chunks the score matrices cover
-# (c + 1) / 2c of [T, S] (62% for 4 chunks) instead of all of it.
+# (c + 1) / 2c of [T, S] (62% for 4 chunks) instead of all of it. Longer sequences get longer chunks,
+# at most MAX_CHUNKS of them, so that the unrolled program stays small.
 CHUNK = 64
+MAX_CHUNKS = 16
 
 
 def _chunks(t: int, chunk: int) -> list[tuple[int, int]]:
-  starts = list(range(0, t, chunk))
-  return [(a, min(a + chunk, t)) for a in starts]
+  chunk = max(chunk, -(-t // MAX_CHUNKS))
+  return [(a, min(a + chunk, t)) for a in range(0, t, chunk)]
 
 
 def _chunk_scores(q, k, q_seg, kv_seg, start, scale):

@@ -56,6 +56,13 @@ def test_advice_when_it_does_not_fit(tiny_report):
   assert 'larger slice' in advice
 
 
+def test_slice_tip():
+  v4 = compile_lib.parse_topology('v4-8')
+  assert '--config=configs/llama2_7b.py:v4-8' in compile_lib.slice_tip('configs/llama2_7b.py', v4)
+  assert compile_lib.slice_tip('configs/llama2_7b.py:v4-8', v4) == ''
+  assert compile_lib.slice_tip('configs/tiny.py', v4) == ''
+
+
 def test_config_variants():
   assert compile_lib.sft_variant('configs/llama2_7b.py:v4-8') == 'configs/llama2_7b.py:v4-8,sft'
   assert compile_lib.sft_variant('configs/llama2_7b.py') == 'configs/llama2_7b.py:sft'

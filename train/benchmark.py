@@ -1,6 +1,7 @@
 """Times the real train step on synthetic batches: step time, throughput, MFU, compile time, memory.
 
   python -m train.benchmark --config=configs/tiny.py [--steps 20] [--config.train.batch_size=32 ...]
+  python -m train.benchmark --config=configs/small.py --steps 0 --config.model.n_layers=32  # compile
 
 The step is `Run(config).train_step()`, exactly what `train.pretrain` runs, fed with device-resident
 synthetic batches (numpy only, no TensorFlow), so the figures measure the step and nothing else.
@@ -20,14 +21,12 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from data.synthetic import synthetic_global_batch
+from model import attention as attention_lib
 from train import loop
 from train import metrics as metrics_lib
 from train import state as state_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.', lock_config=True)
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after the warmup steps).')
-_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
-_JSON = flags.DEFINE_string('json', '', 'Also write the results to this JSON file.')
+FLAGS = flags.FLAGS  # defined by _define_flags() when run as a program
 
 
 def measure_matmul_tflops(dtype='float32', n: int = 2048, repeats: int = 5) -> float:
@@ -79,6 +78,17 @@ def benchmark(config, steps: int = 10, warmup: int = 2) -> dict[str, float]:
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
 
+  n_dev = jax.device_count()
+  result = {'devices': n_dev, 'device_kind': jax.devices()[0].device_kind,
+            'params': sum(x.size for x in jax.tree.leaves(state.params)),
+            'batch_size': tcfg.batch_size, 'seq_len': tcfg.seq_len, 'n_layers': cfg.n_layers,
+            'attention': attention_lib.resolve(cfg.attention, jax.default_backend(), cfg.dtype),
+            'remat_policy': cfg.remat_policy,
+            'lower_s': lower_s, 'compile_s': compile_s}
+  if steps <= 0:  # compile only
+    result.update(memory_summary(compiled))
+    return result
+
   for i in range(warmup):
     state, metrics = compiled(state, batches[i % 2])
   jax.block_until_ready(state)
@@ -93,18 +103,13 @@ def benchmark(config, steps: int = 10, warmup: int = 2) -> dict[str, float]:
     raise FloatingPointError(f'loss is {loss} after {warmup + steps} steps')
 
   step_s = statistics.median(times)
-  n_dev = jax.device_count()
   tokens = tcfg.batch_size * tcfg.seq_len
   flops = metrics_lib.train_flops_per_token(cfg, tcfg.seq_len) * tokens
-  result = {
-      'devices': n_dev, 'device_kind': jax.devices()[0].device_kind,
-      'params': sum(x.size for x in jax.tree.leaves(state.params)),
-      'batch_size': tcfg.batch_size, 'seq_len': tcfg.seq_len,
+  result.update({
       'step_ms': 1000 * step_s, 'step_ms_min': 1000 * min(times),
       'tokens_per_s_per_device': tokens / step_s / n_dev,
-      'tflops_per_device': flops / step_s / n_dev / 1e12,
-      'lower_s': lower_s, 'compile_s': compile_s, 'loss': loss,
-  }
+      'tflops_per_device': flops / step_s / n_dev / 1e12, 'loss': loss,
+  })
   peak = metrics_lib.peak_tflops()
   if peak:
     result['peak_tflops'] = peak
@@ -119,11 +124,13 @@ def benchmark(config, steps: int = 10, warmup: int = 2) -> dict[str, float]:
 
 
 def format_result(r: dict[str, float], name: str = '') -> str:
-  lines = [f"{name} on {r['devices']} x {r['device_kind']}: {r['params']:,} params, batch "
-           f"{r['batch_size']} x {r['seq_len']}",
-           f"  step time        {r['step_ms']:.1f} ms (median; min {r['step_ms_min']:.1f} ms)",
-           f"  tokens/s/device  {r['tokens_per_s_per_device']:,.0f}",
-           f"  model TFLOP/s    {r['tflops_per_device']:.4f} per device"]
+  lines = [f"{name} on {r['devices']} x {r['device_kind']}: {r['params']:,} params, "
+           f"{r['n_layers']} layers, batch {r['batch_size']} x {r['seq_len']}, attention "
+           f"{r['attention']}, remat {r['remat_policy']}"]
+  if 'step_ms' in r:
+    lines += [f"  step time        {r['step_ms']:.1f} ms (median; min {r['step_ms_min']:.1f} ms)",
+              f"  tokens/s/device  {r['tokens_per_s_per_device']:,.0f}",
+              f"  model TFLOP/s    {r['tflops_per_device']:.4f} per device"]
   if 'mfu' in r:
     against = (f"{r['peak_tflops']:.0f} TFLOP/s peak" if 'peak_tflops' in r else
                f"this machine's measured matmul rate, {r['measured_matmul_tflops']:.4f} TFLOP/s")
@@ -139,14 +146,24 @@ def format_result(r: dict[str, float], name: str = '') -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
-  result = benchmark(config, _STEPS.value, _WARMUP.value)
+  config = FLAGS.config
+  result = benchmark(config, FLAGS.steps, FLAGS.warmup)
   print(format_result(result, config.model.get('preset', 'model')))
-  if _JSON.value:
-    with open(_JSON.value, 'w', encoding='utf-8') as f:
+  if FLAGS.json:
+    with open(FLAGS.json, 'w', encoding='utf-8') as f:
       json.dump(result, f, indent=2)
 
 
+def _define_flags():
+  """Only when run as a program: importing this module (tests do) must not define flags that another
+  entry point also defines."""
+  config_flags.DEFINE_config_file('config', None, 'Path to a config file.', lock_config=True)
+  flags.DEFINE_integer('steps', 10, 'Timed steps (after the warmup steps); 0: compile only.')
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+  flags.DEFINE_string('json', '', 'Also write the results to this JSON file.')
+
+
 if __name__ == '__main__':
+  _define_flags()
   flags.mark_flags_as_required(['config'])
   app.run(main)

@@ -241,6 +241,15 @@ def advice(report: Report, config: Any) -> str:
   return '\n'.join(f'  - {t}' for t in tips)
 
 
+def slice_tip(path: str, topology: Topology) -> str:
+  """Points at the config file's own settings for this slice, when it has some and they are unused."""
+  file, _, options = path.partition(':')
+  slices = getattr(_config_module(file), 'SLICES', {})
+  if topology.name in slices and topology.name not in options.split(','):
+    return f'  - the settings this config file has for {topology.name}: --config={file}:{topology.name}\n'
+  return ''
+
+
 def _config_module(file: str):
   spec = importlib.util.spec_from_file_location(f'_config_{abs(hash(file))}', file)
   module = importlib.util.module_from_spec(spec)
@@ -286,7 +295,7 @@ def main(argv):
     if not report.fits:
       failed = True
       print(f'\nThe {name} does not fit in {topology.chip.hbm_gib:g} GiB per chip. Try:\n'
-            + advice(report, config), file=sys.stderr, flush=True)
+            + slice_tip(path, topology) + advice(report, config), file=sys.stderr, flush=True)
   if failed:
     sys.exit(1)
 

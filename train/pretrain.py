@@ -9,9 +9,7 @@ from ml_collections import config_flags
 from data.synthetic import SyntheticData
 from train import loop
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, logs and metrics go here; a run resumes '
-                               'from the latest checkpoint in it.', required=True)
+FLAGS = flags.FLAGS  # defined by _define_flags() when run as a program
 
 
 def make_data(config):
@@ -24,10 +22,19 @@ def make_data(config):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
-  loop.train(config, _WORKDIR.value, make_data(config))
+  config = FLAGS.config
+  loop.train(config, FLAGS.workdir, make_data(config))
+
+
+def _define_flags():
+  """Only when run as a program: importing this module (tests do) must not define flags that another
+  entry point also defines."""
+  config_flags.DEFINE_config_file('config', None, 'Path to a config file.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Checkpoints, logs and metrics go here; a run resumes '
+                      'from the latest checkpoint in it.', required=True)
 
 
 if __name__ == '__main__':
+  _define_flags()
   flags.mark_flags_as_required(['config'])
   app.run(main)

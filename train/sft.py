@@ -10,12 +10,9 @@ restarted job resumes where it stopped.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from data.sft import SFTData
 from train import checkpoint, loop, validate
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, logs and metrics go here; a run resumes '
-                               'from the latest checkpoint in it.', required=True)
+FLAGS = flags.FLAGS  # defined by _define_flags() when run as a program
 
 # Fields that must agree between the checkpoint and config.model: they change what the weights mean.
 ARCHITECTURE_FIELDS = ('vocab_size', 'embed_dim', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim',
@@ -46,13 +43,23 @@ def params_from_checkpoint(path: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
+  config = FLAGS.config
   if not config.init_from:
     logging.warning('config.init_from is empty: instruction tuning starts from random parameters')
   init = params_from_checkpoint(config.init_from) if config.init_from else None
-  loop.train(config, _WORKDIR.value, SFTData(config.data, config.train.seq_len), init_params=init)
+  from data.sft import SFTData  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  loop.train(config, FLAGS.workdir, SFTData(config.data, config.train.seq_len), init_params=init)
+
+
+def _define_flags():
+  """Only when run as a program: importing this module (tests do) must not define flags that another
+  entry point also defines."""
+  config_flags.DEFINE_config_file('config', None, 'Path to a config file.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Checkpoints, logs and metrics go here; a run resumes '
+                      'from the latest checkpoint in it.', required=True)
 
 
 if __name__ == '__main__':
+  _define_flags()
   flags.mark_flags_as_required(['config'])
   app.run(main)
