@@ -117,7 +117,7 @@ def _config(**overrides) -> ml_collections.ConfigDict:
     ({'train.batch_size': 12}, r'12\) must be divisible by the 8 batch shards'),
     ({'train.grad_accum_steps': 3}, r'train.batch_size \(16\) must be divisible by train.grad_accum_steps'),
     ({'train.grad_accum_steps': 4}, r'microbatch .* = 4\) must be divisible by the 8 batch shards'),
-    ({'mesh.fsdp': 1, 'mesh.tensor': -1}, r'model.n_kv_heads \(2\) must be divisible by .*mesh.tensor = 8'),
+    ({'mesh.fsdp': 1, 'mesh.tensor': -1}, r'model.n_kv_heads \(1\) must be divisible by .*mesh.tensor = 8'),
     ({'train.seq_len': 4096}, r'train.seq_len \(4096\) exceeds model.max_seq_len \(1024\)'),
 ])
 def test_config_errors_name_the_key(overrides, message):
