@@ -117,6 +117,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     'mistral_7b': dict(vocab_size=32000, embed_dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                        head_dim=128, mlp_dim=14336, norm_eps=1e-5, rope_theta=1000000.0,
                        max_seq_len=32768),
+    # Qwen2 7B: biases on q, k and v; a 152k vocabulary, untied.
+    'qwen2_7b': dict(vocab_size=152064, embed_dim=3584, n_layers=28, n_heads=28, n_kv_heads=4,
+                     head_dim=128, mlp_dim=18944, norm_eps=1e-6, rope_theta=1000000.0,
+                     max_seq_len=32768, qkv_bias=True),
 }
 
 

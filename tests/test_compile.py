@@ -72,6 +72,9 @@ def test_config_variants():
   assert sft.train.seq_len == 4096 and sft.mesh.fsdp == -1
   with pytest.raises(ValueError, match='Unknown config option'):
     compile_lib.load_config('configs/llama3_8b.py:v9-8')
+  assert compile_lib.step_name(sft) == 'SFT step'
+  assert compile_lib.step_name(compile_lib.load_config('configs/sft_tiny.py')) == 'SFT step'
+  assert compile_lib.step_name(compile_lib.load_config('configs/llama3_8b.py')) == 'pretraining step'
 
 
 def test_command_line():

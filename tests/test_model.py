@@ -33,6 +33,7 @@ def _init(cfg, seq=16):
     ('llama3_8b', 8_030_261_248),
     ('mistral_7b', 7_241_732_096),
     ('llama3_2_1b', 1_235_814_400),  # tied embeddings
+    ('qwen2_7b', 7_615_616_512),  # qkv biases
 ])
 def test_published_parameter_counts(name, expected):
   assert count_params(preset(name)) == expected

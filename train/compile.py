@@ -272,6 +272,11 @@ def sft_variant(path: str) -> str | None:
   return f'{file}:{",".join(filter(None, [options, "sft"]))}'
 
 
+def step_name(config) -> str:
+  # data.sft.FORMATS, named here because data/ needs TensorFlow and compiling must not.
+  return 'SFT step' if config.data.format in ('alpaca', 'chat', 'prompt_completion') else 'pretraining step'
+
+
 def main(argv):
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
@@ -280,7 +285,7 @@ def main(argv):
   path = config_flags.get_config_filename(config_flag)
   overrides = config_flags.get_override_values(config_flag)
   topology = parse_topology(flags.FLAGS.topology)
-  configs = [('pretraining step', path, config_flag.value)]
+  configs = [(step_name(config_flag.value), path, config_flag.value)]
   sft = sft_variant(path) if flags.FLAGS.sft else None
   if sft:
     sft_config = load_config(sft)
