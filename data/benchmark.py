@@ -45,8 +45,9 @@ def data_config(**overrides):
 
 
 def write_conversations(corpus_file: str, out_file: str, turns: int = 2, chars: int = 600) -> int:
-  """Chat records of `turns` user/assistant exchanges, each message a `chars`-character slice of one
-  corpus document: instruction-tuning examples of a realistic length (a few hundred tokens)."""
+  """Chat records of up to `turns` user/assistant exchanges (fewer for short documents), each message a
+  `chars`-character slice of one corpus document: instruction-tuning examples of a realistic length
+  (a few hundred tokens)."""
   n = 0
   with open(corpus_file, encoding='utf-8') as src, open(out_file, 'w', encoding='utf-8') as out:
     for line in src:
@@ -113,7 +114,7 @@ def main(argv):
       start = time.perf_counter()
       demo_train, demo_short, demo_long, demo_tokenizer = demo_inputs(tmp, FLAGS.vocab_size)
       train, tokenizer = train or demo_train, tokenizer or demo_tokenizer
-      sft = sft or [('demo question task', demo_short), ('2-turn conversations', demo_long)]
+      sft = sft or [('demo question task', demo_short), ('1-2 turn conversations', demo_long)]
       print(f'Built the demo corpus, chat data and tokenizer in {time.perf_counter() - start:.0f} s')
     print(f'{os.cpu_count()} CPU cores; rows of {seq_len} tokens, batches of {batch} rows')
     pre = benchmark_pretraining(train, tokenizer, seq_len, batch, seconds)
@@ -132,7 +133,7 @@ def _define_flags():
   flags.DEFINE_float('seconds', 10.0, 'Time each pipeline for about this long.')
   flags.DEFINE_string('train_files', '', 'Pretraining JSONL files (default: demo corpus).')
   flags.DEFINE_string('sft_files', '', 'Chat-format JSONL files (default: the demo question '
-                      'task, and 2-turn conversations cut from the demo corpus).')
+                      'task, and 1-2 turn conversations cut from the demo corpus).')
   flags.DEFINE_string('tokenizer', '', 'SentencePiece .model or tokenizer.json '
                       '(default: one trained on the demo corpus).')
   flags.DEFINE_integer('vocab_size', 8000, 'Vocabulary of the tokenizer trained by default.')

@@ -126,7 +126,8 @@ _chunked_core.defvjp(_chunked_core_fwd, _chunked_core_bwd)
 
 
 def chunked_attention(q, k, v, q_segment_ids, kv_segment_ids, chunk: int | None = None):
-  """Self-attention (T == S, queries and keys at the same positions) in causal query chunks."""
+  """Self-attention (T == S, queries and keys at the same positions) in causal query chunks of `chunk`
+  rows (default CHUNK), longer where that would make more than MAX_CHUNKS chunks."""
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
   if k.shape[1] != t:

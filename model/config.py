@@ -91,7 +91,7 @@ ATTENTION_IMPLS = ('auto', 'xla', 'chunked', 'splash', 'cudnn')
 # Published shapes. Parameter counts are checked in tests/test_model.py.
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized, for tests and the demo. Two 64-wide query heads sharing one key/value head: the same
-    # parameter count as four 32-wide heads, and 10% faster training steps on CPU (fewer, larger
+    # parameter count as four 32-wide heads, and 8% faster training steps on CPU (fewer, larger
     # [T, S] score matrices; docs/benchmarks.md).
     'tiny': dict(vocab_size=2048, embed_dim=128, n_layers=4, n_heads=2, n_kv_heads=1, head_dim=64,
                  mlp_dim=384, max_seq_len=1024, dtype='float32'),

@@ -51,8 +51,10 @@ def _embed(table, tokens, dtype):
   The rows are gathered from a copy whose embed axis is whole on every device (as FSDP gathers any
   weight before use: gathering from an embed-sharded table leaves XLA no cheap way to a batch-sharded
   result), cast to `dtype` first so that the copy is half the size in bfloat16 (1 GiB, not 2, for a
-  128k vocabulary). The gradient is still summed in float32: a frequent token's rows add up hundreds
-  of contributions per batch, which bfloat16 would round.
+  128k vocabulary). The gradient is summed in float32 even then (autodiff would sum it in `dtype`): a
+  frequent token's row adds up hundreds of contributions per batch, which bfloat16 would round away.
+  That costs memory in the backward pass (a [V, D] float32 buffer before the reduce-scatter: up to 2
+  GiB for a 128k vocabulary at width 4096); the per-slice figures in docs/benchmarks.md include it.
   """
   table = _constrain(table.astype(dtype), ('vocab', None))
   return jnp.take(table, tokens, axis=0)

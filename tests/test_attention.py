@@ -40,6 +40,7 @@ def _loss_and_grads(fn, q, k, v, segments):
 IMPLS = {
     'chunked_64': functools.partial(attention_lib.chunked_attention, chunk=64),
     'chunked_uneven': functools.partial(attention_lib.chunked_attention, chunk=100),
+    'chunked_capped': functools.partial(attention_lib.chunked_attention, chunk=8),  # 32 -> 16 chunks
     'splash': functools.partial(attention_lib.splash_attention, interpret=True),
     'cudnn_api_xla': functools.partial(attention_lib.cudnn_attention, implementation='xla'),
     'cudnn_api_default': functools.partial(attention_lib.cudnn_attention, implementation=None),
@@ -55,6 +56,13 @@ def test_matches_reference(name, monkeypatch):
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   for label, a, b in zip('qkv', ref_grads, grads):
     np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-4, err_msg=f'd{label}')
+
+
+def test_chunk_count_is_capped():
+  assert len(attention_lib._chunks(T, 64)) == 4  # pylint: disable=protected-access
+  capped = attention_lib._chunks(T, 8)  # pylint: disable=protected-access
+  assert len(capped) == attention_lib.MAX_CHUNKS and capped[-1][1] == T
+  assert all(b - a == T // attention_lib.MAX_CHUNKS for a, b in capped)
 
 
 def test_reference_honours_segments_and_causality():

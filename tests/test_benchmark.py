@@ -32,6 +32,14 @@ def test_train_benchmark_reports_throughput_and_mfu(monkeypatch):
   assert "this machine's measured matmul rate" in text and 'compile time' in text
 
 
+def test_compile_only_reports_compile_time_and_memory_without_stepping():
+  r = benchmark.benchmark(_micro_config(), steps=0)
+  assert r['compile_s'] > 0 and r['temp_gib'] > 0 and r['n_layers'] == 2
+  assert 'step_ms' not in r and 'mfu' not in r
+  text = benchmark.format_result(r, 'micro')
+  assert 'compile time' in text and 'step time' not in text
+
+
 def test_matmul_rate_is_measured():
   assert 1e-4 < benchmark.measure_matmul_tflops('float32', n=256, repeats=2) < 1e3
 

@@ -59,6 +59,9 @@ def test_advice_when_it_does_not_fit(tiny_report):
 def test_slice_tip():
   v4 = compile_lib.parse_topology('v4-8')
   assert '--config=configs/llama2_7b.py:v4-8' in compile_lib.slice_tip('configs/llama2_7b.py', v4)
+  assert '--config=configs/llama2_7b.py:sft,v4-8' in compile_lib.slice_tip('configs/llama2_7b.py:sft', v4)
+  assert '--config=configs/llama2_7b.py:sft,v4-8' in compile_lib.slice_tip(
+      'configs/llama2_7b.py:v5e-8,sft', v4)
   assert compile_lib.slice_tip('configs/llama2_7b.py:v4-8', v4) == ''
   assert compile_lib.slice_tip('configs/tiny.py', v4) == ''
 
@@ -73,6 +76,10 @@ def test_config_variants():
   with pytest.raises(ValueError, match='Unknown config option'):
     compile_lib.load_config('configs/llama3_8b.py:v9-8')
   assert compile_lib.step_name(sft) == 'SFT step'
+  from data import sft as sft_data  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  for fmt in sft_data.FORMATS:  # train.compile keeps its own copy of the list, without TensorFlow
+    sft.data.format = fmt
+    assert compile_lib.step_name(sft) == 'SFT step', fmt
   assert compile_lib.step_name(compile_lib.load_config('configs/sft_tiny.py')) == 'SFT step'
   assert compile_lib.step_name(compile_lib.load_config('configs/llama3_8b.py')) == 'pretraining step'
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from model import ModelConfig, Transformer, preset
-from model.transformer import rope_inverse_frequencies
+from model.transformer import _embed, rope_inverse_frequencies
 from train.state import count_params
 
 SMALL = dict(vocab_size=256, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
@@ -121,3 +121,26 @@ def test_llama3_rope_scaling():
   np.testing.assert_allclose(scaled[high], base[high], rtol=1e-6)
   np.testing.assert_allclose(scaled[low], base[low] / 8, rtol=1e-6)
   assert np.all(scaled[mid] < base[mid]) and np.all(scaled[mid] > base[mid] / 8)
+
+
+def test_embedding_gradient_matches_autodiff_and_sums_in_float32():
+  """The embedding's hand-written backward pass: a scatter-add of the rows' gradients, repeated tokens
+  included, summed in float32 even for bfloat16 compute."""
+  table = jax.random.normal(jax.random.key(0), (64, 8), jnp.float32)
+  tokens = jnp.array([[1, 1, 1, 5], [5, 2, 63, 1]])
+  g = jax.random.normal(jax.random.key(1), (2, 4, 8), jnp.float32)
+
+  def ours(dtype):
+    return jax.jit(jax.grad(lambda t: jnp.sum(_embed(t, tokens, dtype).astype(jnp.float32) * g)))(table)
+
+  def autodiff(dtype):
+    return jax.jit(jax.grad(
+        lambda t: jnp.sum(jnp.take(t.astype(dtype), tokens, axis=0).astype(jnp.float32) * g)))(table)
+
+  np.testing.assert_allclose(ours(jnp.float32), autodiff(jnp.float32), rtol=1e-6, atol=1e-6)
+  assert float(jnp.abs(ours(jnp.float32)[1]).sum()) > 0 and float(jnp.abs(ours(jnp.float32)[0]).sum()) == 0
+  # bfloat16 compute: each contribution is rounded to bfloat16 once, then summed in float32.
+  rounded = g.astype(jnp.bfloat16).astype(jnp.float32)
+  exact = jnp.zeros(table.shape, jnp.float32).at[tokens].add(rounded)
+  np.testing.assert_allclose(ours(jnp.bfloat16), exact, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(ours(jnp.bfloat16), autodiff(jnp.bfloat16), rtol=2e-2, atol=2e-2)

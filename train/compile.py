@@ -245,8 +245,10 @@ def slice_tip(path: str, topology: Topology) -> str:
   """Points at the config file's own settings for this slice, when it has some and they are unused."""
   file, _, options = path.partition(':')
   slices = getattr(_config_module(file), 'SLICES', {})
-  if topology.name in slices and topology.name not in options.split(','):
-    return f'  - the settings this config file has for {topology.name}: --config={file}:{topology.name}\n'
+  opts = [o for o in options.split(',') if o]
+  if topology.name in slices and topology.name not in opts:
+    suggested = ','.join([o for o in opts if o not in slices] + [topology.name])
+    return f'  - the settings this config file has for {topology.name}: --config={file}:{suggested}\n'
   return ''
 
 
@@ -300,7 +302,7 @@ def main(argv):
     if not report.fits:
       failed = True
       print(f'\nThe {name} does not fit in {topology.chip.hbm_gib:g} GiB per chip. Try:\n'
-            + slice_tip(path, topology) + advice(report, config), file=sys.stderr, flush=True)
+            + slice_tip(source, topology) + advice(report, config), file=sys.stderr, flush=True)
   if failed:
     sys.exit(1)
 
