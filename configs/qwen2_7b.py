@@ -1,26 +1,18 @@
 """qwen2_7b: pretraining (default) and instruction tuning (":sft") at sequence length 4096.
 
-  python -m train.compile --config=configs/qwen2_7b.py:v5p-8 --topology=v5p-8
-  python -m train.pretrain --config=configs/qwen2_7b.py:v5p-8 --workdir=gs://bucket/runs/qwen2_7b \
-      --config.data.train_files=... --config.data.tokenizer=...
+  python -m train.compile --config=configs/qwen2_7b.py:v5e-8 --topology=v5e-8
+  python -m train.sft --config=configs/qwen2_7b.py:v5p-8,sft --workdir=gs://bucket/runs/qwen2_sft \
+      --config.init_from=gs://bucket/ckpt/qwen2_7b --config.data.train_files=... \
+      --config.data.tokenizer=...   # the Hugging Face model's folder (its tokenizer.json)
 
 Options after the colon: a slice (v5p-8, the default; v4-8; v5e-8) and/or 'sft' (see configs/scale.py).
-The per-slice settings below fit that slice with both steps compiled (docs/benchmarks.md).
+Mistral 7B's per-slice settings fit this model too, both steps compiled for each slice
+(docs/benchmarks.md); the chat template is ChatML, as Qwen2's instruct models use.
 """
 
-from configs import scale
+from configs import mistral_7b, scale
 
-SLICES = {
-    # 4 chips x 95 GiB: float32 weights and Adam state; the MLP is recomputed in the backward pass.
-    'v5p-8': dict(mesh=dict(data=1, fsdp=-1, tensor=1), batch_size=16,
-                  remat_policy='save_dots_except_mlp'),
-    # 4 chips x 32 GiB: float32 weights, bfloat16 Adam moments, whole layers recomputed.
-    'v4-8': dict(mesh=dict(data=1, fsdp=-1, tensor=1), batch_size=4, remat_policy='full',
-                 state_dtype='bfloat16'),
-    # 8 chips x 16 GiB: float32 weights do not fit; bfloat16 weights and moments do.
-    'v5e-8': dict(mesh=dict(data=1, fsdp=-1, tensor=1), batch_size=8, remat_policy='full',
-                  param_dtype='bfloat16', state_dtype='bfloat16', loss_chunk_len=512),
-}
+SLICES = mistral_7b.SLICES
 
 
 def get_config(options: str = ''):

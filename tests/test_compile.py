@@ -91,3 +91,25 @@ def test_command_line():
   ok = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert ok.returncode == 0, ok.stderr[-3000:]
   assert 'fits' in ok.stdout and 'of 16.00 GiB HBM' in ok.stdout
+
+
+def test_every_config_file_and_slice_loads_and_validates():
+  """Each configs/*.py (and each of its slice and 'sft' options) builds a valid model and passes the
+  checks the training loop makes, on the chips of its slice (one device for the others)."""
+  from model import ModelConfig  # pylint: disable=import-outside-toplevel
+  from train import validate  # pylint: disable=import-outside-toplevel
+  files = sorted(f for f in os.listdir(os.path.join(ROOT, 'configs'))
+                 if f.endswith('.py') and f not in ('__init__.py', 'default.py', 'scale.py'))
+  assert {'tiny.py', 'llama2_7b.py', 'llama3_8b.py', 'mistral_7b.py', 'qwen2_7b.py'} <= set(files)
+  checked = 0
+  for file in files:
+    path = os.path.join(ROOT, 'configs', file)
+    slices = getattr(compile_lib._config_module(path), 'SLICES', {})  # pylint: disable=protected-access
+    variants = [(path, 4 if slices else 1)]  # the slice configs default to v5p-8: 4 chips
+    variants += [(f'{path}:{o}', compile_lib.parse_topology(s).num_chips)
+                 for s in slices for o in (s, f'{s},sft')]
+    for variant, chips in variants:
+      config = compile_lib.load_config(variant)
+      validate.check(config, ModelConfig.from_dict(config.model), chips)
+      checked += 1
+  assert checked >= 5 + 4 * 6
