@@ -295,6 +295,18 @@ class Trainer:
     return self.last
 
 
+def define_flags():
+  """--config (a config file, with --config.a.b=value overrides) and --workdir: the flags of both
+  entry points, defined only when one runs as a program (importing both, as tests do, must not define
+  a flag twice)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel  (not on GPU images)
+  config_flags.DEFINE_config_file('config', None, 'Path to a config file.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Checkpoints, logs and metrics go here; a run resumes '
+                      'from the latest checkpoint in it.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+
 def train(config: Any, workdir: str, data: DataSource,
           init_params: Callable[[Run], Any] | None = None) -> dict[str, float]:
   """Trains to `config.train.steps`, resuming from `workdir` if it holds checkpoints.

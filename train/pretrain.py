@@ -4,12 +4,11 @@
 """
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from data.synthetic import SyntheticData
 from train import loop
 
-FLAGS = flags.FLAGS  # defined by _define_flags() when run as a program
+FLAGS = flags.FLAGS  # --config and --workdir: loop.define_flags(), when run as a program
 
 
 def make_data(config):
@@ -26,15 +25,6 @@ def main(argv):
   loop.train(config, FLAGS.workdir, make_data(config))
 
 
-def _define_flags():
-  """Only when run as a program: importing this module (tests do) must not define flags that another
-  entry point also defines."""
-  config_flags.DEFINE_config_file('config', None, 'Path to a config file.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Checkpoints, logs and metrics go here; a run resumes '
-                      'from the latest checkpoint in it.', required=True)
-
-
 if __name__ == '__main__':
-  _define_flags()
-  flags.mark_flags_as_required(['config'])
+  loop.define_flags()
   app.run(main)

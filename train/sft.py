@@ -8,11 +8,10 @@ restarted job resumes where it stopped.
 """
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from train import checkpoint, loop, validate
 
-FLAGS = flags.FLAGS  # defined by _define_flags() when run as a program
+FLAGS = flags.FLAGS  # --config and --workdir: loop.define_flags(), when run as a program
 
 # Fields that must agree between the checkpoint and config.model: they change what the weights mean.
 ARCHITECTURE_FIELDS = ('vocab_size', 'embed_dim', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim',
@@ -51,15 +50,6 @@ def main(argv):
   loop.train(config, FLAGS.workdir, SFTData(config.data, config.train.seq_len), init_params=init)
 
 
-def _define_flags():
-  """Only when run as a program: importing this module (tests do) must not define flags that another
-  entry point also defines."""
-  config_flags.DEFINE_config_file('config', None, 'Path to a config file.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Checkpoints, logs and metrics go here; a run resumes '
-                      'from the latest checkpoint in it.', required=True)
-
-
 if __name__ == '__main__':
-  _define_flags()
-  flags.mark_flags_as_required(['config'])
+  loop.define_flags()
   app.run(main)
