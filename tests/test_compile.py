@@ -30,6 +30,7 @@ def test_parse_topology():
 def tiny_report():
   config = tiny.get_config()
   config.train.batch_size, config.train.seq_len = 8, 256
+  config.model.scan_layers = True  # as every TPU-sized config
   return compile_lib.compile_step(config, compile_lib.parse_topology('v5e-4'), 'tiny')
 
 

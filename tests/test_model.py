@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from model import ModelConfig, Transformer, preset
-from model.transformer import _embed, rope_inverse_frequencies
+from model.transformer import _embed, _token_einsum, _unembed, rope_inverse_frequencies
 from train.state import count_params
 
 SMALL = dict(vocab_size=256, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
@@ -121,6 +121,29 @@ def test_llama3_rope_scaling():
   np.testing.assert_allclose(scaled[high], base[high], rtol=1e-6)
   np.testing.assert_allclose(scaled[low], base[low] / 8, rtol=1e-6)
   assert np.all(scaled[mid] < base[mid]) and np.all(scaled[mid] > base[mid] / 8)
+
+
+def test_token_einsum_and_unembedding_match_plain_einsums_and_autodiff():
+  """The projections' merged token axis (`_token_einsum`) and the unembedding's hand-written backward
+  pass compute what the plain [B, T, ...] einsums and autodiff compute, gradients included."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(keys[0], (2, 5, 8), jnp.float32)
+  w = jax.random.normal(keys[1], (8, 3, 4), jnp.float32)
+  ours = lambda x, w: _token_einsum('XD,DNH->XNH', x, w)
+  plain = lambda x, w: jnp.einsum('BTD,DNH->BTNH', x, w)
+  np.testing.assert_allclose(ours(x, w), plain(x, w), rtol=1e-6, atol=1e-6)
+  g = jax.random.normal(keys[2], (2, 5, 3, 4), jnp.float32)
+  vjp = lambda f: jax.vjp(f, x, w)[1](g)
+  for a, b in zip(vjp(ours), vjp(plain)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+  v = jax.random.normal(keys[3], (8, 16), jnp.float32)
+  loss = lambda f: lambda x, v: jnp.sum(jnp.sin(f(x, v)))
+  grads = jax.grad(loss(_unembed), argnums=(0, 1))(x, v)
+  expected = jax.grad(loss(lambda x, v: jnp.einsum('BTD,DV->BTV', x, v)), argnums=(0, 1))(x, v)
+  assert grads[0].shape == x.shape and grads[1].shape == v.shape
+  for a, b in zip(grads, expected):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_embedding_gradient_matches_autodiff_and_sums_in_float32():

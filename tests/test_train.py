@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from configs import tiny
 from train import checkpoint, loop
@@ -42,8 +43,10 @@ def _final_params(config, workdir, step):
   return jax.device_get(state.params)
 
 
-def test_resumed_run_equals_uninterrupted_run(demo_data, tmp_path):
-  straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
+def test_resumed_run_equals_uninterrupted_run(demo_data, tmp_path, monkeypatch):
+  # The interrupted run's workdir is relative, as in the README's commands (orbax needs absolute paths).
+  monkeypatch.chdir(tmp_path)
+  straight, interrupted = str(tmp_path / 'straight'), os.path.join('runs', 'interrupted')
   loop.train(_config(demo_data, 6), straight, PretrainData(_config(demo_data, 6).data, 64))
   loop.train(_config(demo_data, 4), interrupted, PretrainData(_config(demo_data, 4).data, 64))
   final = loop.train(_config(demo_data, 6), interrupted, PretrainData(_config(demo_data, 6).data, 64))
@@ -55,6 +58,20 @@ def test_resumed_run_equals_uninterrupted_run(demo_data, tmp_path):
   pa, pb = (_final_params(_config(demo_data, 6), w, 6) for w in (straight, interrupted))
   for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_a_save_that_fails_in_the_background_fails_the_run(tmp_path):
+  """Orbax's background threads only log a failed write; waiting for the save must raise."""
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), keep=2)
+  ckpt._manager.save = lambda step, args, force: True  # accepted, then nothing written
+  state = {'w': np.ones(3, np.float32)}
+  assert ckpt.save(5, state, None)
+  with pytest.raises(IOError, match='checkpoint of step 5 was not written to ' + str(tmp_path)):
+    ckpt.save(10, state, None)  # the next save finds it out
+  assert ckpt.save(10, state, None)  # reported once
+  with pytest.raises(IOError, match='checkpoint of step 10 was not written'):
+    ckpt.wait()  # and so does the end of the run
+  ckpt.close()
 
 
 def _free_port():

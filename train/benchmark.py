@@ -22,7 +22,7 @@ from ml_collections import config_flags
 
 from data.synthetic import synthetic_global_batch
 from model import attention as attention_lib
-from train import loop
+from train import host_memory, loop
 from train import metrics as metrics_lib
 from train import state as state_lib
 
@@ -146,6 +146,7 @@ def format_result(r: dict[str, float], name: str = '') -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  host_memory.keep_freed_memory()  # before JAX starts its CPU backend
   config = FLAGS.config
   result = benchmark(config, FLAGS.steps, FLAGS.warmup)
   print(format_result(result, config.model.get('preset', 'model')))

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import logging as std_logging
+import os
 from typing import Any
 
 import jax
@@ -61,7 +62,8 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep: int, async_save: bool = True,
                model_config: ModelConfig | None = None):
-    self.directory = epath.Path(directory)
+    self.directory = absolute(directory)
+    self._unconfirmed: int | None = None  # the last step saved, until it is seen on storage
     self._model_config = model_config
     self.incomplete = report_incomplete(self.directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -75,12 +77,16 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_state: bytes | None) -> bool:
+    self.wait()  # orbax waits for the previous save anyway; this also checks that it was written
     items = {'state': ocp.args.StandardSave(state)}
     if data_state is not None:
       items['data'] = DataStateSave(data_state)
     if self._model_config is not None:
       items['model_config'] = ocp.args.JsonSave(dataclasses.asdict(self._model_config))
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    if saved:
+      self._unconfirmed = step
+    return saved
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, bytes | None]:
     """Restores onto the shardings in `abstract_state` (any mesh), plus this host's data position."""
@@ -92,7 +98,13 @@ class Checkpointer:
     return restored['state'], (restored['data'] if has_data else None)
 
   def wait(self):
+    """Waits for the save in flight. A save that failed in orbax's background threads (which only log
+    the error) raises here, so that a run never ends as if its last checkpoint were written."""
     self._manager.wait_until_finished()
+    step, self._unconfirmed = self._unconfirmed, None
+    if step is not None and not (self.directory / str(step) / 'state').exists():
+      raise IOError(f'The checkpoint of step {step} was not written to {self.directory} (see the '
+                    'errors logged above); the previous complete checkpoint is intact.')
 
   def close(self):
     self._manager.close()
@@ -116,9 +128,14 @@ def report_incomplete(directory: epath.Path) -> list[str]:
   return names
 
 
+def absolute(path: str) -> epath.Path:
+  """Local paths made absolute (orbax refuses relative ones); gs:// and other URLs as they are."""
+  return epath.Path(path if '://' in str(path) else os.path.abspath(path))
+
+
 def resolve_step_dir(path: str) -> epath.Path:
   """A step folder from a workdir (its latest step), a checkpoints folder, or a step folder itself."""
-  p = epath.Path(path)
+  p = absolute(path)
   if (p / 'state').exists():
     return p
   for root in (p / 'checkpoints', p):

@@ -6,7 +6,7 @@
 from absl import app, flags
 
 from data.synthetic import SyntheticData
-from train import loop
+from train import host_memory, loop
 
 FLAGS = flags.FLAGS  # --config and --workdir: loop.define_flags(), when run as a program
 
@@ -21,6 +21,7 @@ def make_data(config):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  host_memory.keep_freed_memory()  # before JAX starts its CPU backend
   config = FLAGS.config
   loop.train(config, FLAGS.workdir, make_data(config))
 

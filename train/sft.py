@@ -9,7 +9,7 @@ restarted job resumes where it stopped.
 
 from absl import app, flags, logging
 
-from train import checkpoint, loop, validate
+from train import checkpoint, host_memory, loop, validate
 
 FLAGS = flags.FLAGS  # --config and --workdir: loop.define_flags(), when run as a program
 
@@ -42,6 +42,7 @@ def params_from_checkpoint(path: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  host_memory.keep_freed_memory()  # before JAX starts its CPU backend
   config = FLAGS.config
   if not config.init_from:
     logging.warning('config.init_from is empty: instruction tuning starts from random parameters')
