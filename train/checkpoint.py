@@ -19,6 +19,7 @@ from absl import logging
 from etils import epath
 
 from model import ModelConfig
+from train.metrics import is_remote
 
 
 class DataStateHandler(ocp.CheckpointHandler):
@@ -130,7 +131,7 @@ def report_incomplete(directory: epath.Path) -> list[str]:
 
 def absolute(path: str) -> epath.Path:
   """Local paths made absolute (orbax refuses relative ones); gs:// and other URLs as they are."""
-  return epath.Path(path if '://' in str(path) else os.path.abspath(path))
+  return epath.Path(path if is_remote(path) else os.path.abspath(path))
 
 
 def resolve_step_dir(path: str) -> epath.Path:
