@@ -4,7 +4,8 @@ import dataclasses
 
 import ml_collections
 
-from model import ModelConfig, preset
+from data import config as data_config
+from model import preset
 
 
 def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
@@ -32,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
       eval_max_batches=20,   # per evaluation, per host
       max_consecutive_skips=10,  # stop after this many steps in a row with a non-finite loss/grad
       override_workdir_config=False,  # resume a workdir even if its run used another config
+      # The loss computes float32 logits for this many positions at a time (0: the whole sequence at
+      # once); for a 128k vocabulary the logits are the largest activation of the step.
+      loss_chunk_len=1024,
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -42,32 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
 
-  c.data = ml_collections.ConfigDict(dict(
-      format='jsonl',        # lines | files | jsonl | tfds | synthetic
-      train_files='',        # comma-separated paths or globs, local or gs://
-      eval_files='',
-      text_field='text',     # JSONL field / TFDS feature holding the text
-      tfds_name='',
-      tfds_data_dir='',
-      tfds_train_split='train',
-      tfds_eval_split='validation',
-      tokenizer='',          # SentencePiece .model, HF tokenizer.json, or a folder holding one
-      add_bos=True,
-      add_eos=True,
-      shuffle_buffer=1000,   # documents
-      seed=0,
-      invalid_utf8='error',  # error (naming file and byte offset) | replace (and count)
-      max_record_bytes=16 << 20,  # a larger record (line, or file in "files" format) is bad input
-      skip_bad_records=False,  # False: stop at the first bad record; True: skip and count them
-      # Instruction tuning (train.sft) only:
-      chat_template='llama2',  # llama2 | llama3 | chatml | mistral | alpaca (data/chat.py)
-      fields=ml_collections.ConfigDict(dict(  # field names in the records
-          instruction='instruction', input='input', output='output', messages='messages',
-          role='role', content='content', prompt='prompt', completion='completion')),
-      packing=True,          # several examples per row; False: one example per row, padded
-      overlong='truncate',   # examples longer than seq_len: truncate | drop (counted either way)
-      eval_fraction=0.0,     # without eval_files, hold out this share of train records
-  ))
+  # The input pipelines' settings (formats, files, tokenizer, chat template, packing, bad input).
+  c.data = data_config.get_config()
 
   # Instruction tuning: start from these parameters (a workdir, its checkpoints/ or a step folder).
   c.init_from = ''

@@ -11,9 +11,10 @@ from configs import default
 
 def get_config():
   c = default.get_config()
-  c.model = default.model_config('llama3_2_1b', remat_policy='none', loss_chunk_len=1024)
+  c.model = default.model_config('llama3_2_1b', remat_policy='none')
   c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
-  c.train.update(dict(steps=10_000, batch_size=4, seq_len=4096, log_every=10, eval_every=1000))
+  c.train.update(dict(steps=10_000, batch_size=4, seq_len=4096, loss_chunk_len=1024, log_every=10,
+                      eval_every=1000))
   c.optimizer.update(dict(lr=3e-4, warmup_steps=500))
   c.data.format = 'synthetic'
   return c

@@ -29,11 +29,11 @@ def make(preset: str, slices: dict[str, dict[str, Any]], options: str, chat_temp
 
   c = default.get_config()
   c.model = default.model_config(preset, remat_policy=settings['remat_policy'],
-                                 param_dtype=settings.get('param_dtype', 'float32'),
-                                 loss_chunk_len=settings.get('loss_chunk_len', 1024))
+                                 param_dtype=settings.get('param_dtype', 'float32'))
   c.mesh.update(settings['mesh'])
   c.train.update(dict(steps=100_000, batch_size=settings['batch_size'], seq_len=4096,
-                      grad_accum_steps=settings.get('grad_accum_steps', 1), log_every=10,
+                      grad_accum_steps=settings.get('grad_accum_steps', 1),
+                      loss_chunk_len=settings.get('loss_chunk_len', 1024), log_every=10,
                       eval_every=1000, eval_max_batches=10))
   c.optimizer.update(dict(lr=3e-4, warmup_steps=2000, state_dtype=settings.get('state_dtype', '')))
   c.checkpoint.update(dict(every_steps=1000, keep=3))

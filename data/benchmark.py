@@ -14,9 +14,10 @@ import os
 import tempfile
 import time
 
+import numpy as np
 from absl import app, flags
 
-import numpy as np
+from data import config
 
 FLAGS = flags.FLAGS  # defined by _define_flags() when run as a program
 
@@ -38,8 +39,7 @@ def measure(iterator, seconds: float, warmup_batches: int = 2) -> dict[str, floa
 
 
 def data_config(**overrides):
-  from configs import default  # pylint: disable=import-outside-toplevel
-  c = default.get_config().data
+  c = config.get_config()
   c.update(overrides)
   return c
 

@@ -14,6 +14,8 @@ import zipfile
 
 import tensorflow as tf
 
+from data.records import BadRecord
+
 
 # Iterators still alive at interpreter exit are closed first: TensorFlow aborts the process if a
 # prefetch thread is inside a Python tokenization step while the interpreter tears down.
@@ -21,12 +23,8 @@ _LIVE = weakref.WeakSet()
 atexit.register(lambda: [it.close() for it in list(_LIVE)])
 
 
-class DataError(ValueError):
-  """Bad input found while iterating; the message names the file and line (or byte offset)."""
-
-
-# The one-line message of a Python exception raised inside a tf.data step (e.g. data.sources.BadRecord).
-_PY_ERROR = re.compile(r'^\s*(?:[\w.]+\.)?(?:BadRecord|ValueError|SFTDataError): (.+)$', re.MULTILINE)
+# The one-line message of a data.records.BadRecord raised inside a tf.data step.
+_PY_ERROR = re.compile(r'^\s*(?:[\w.]+\.)?BadRecord: (.+)$', re.MULTILINE)
 
 
 class DatasetIterator:
@@ -53,7 +51,7 @@ class DatasetIterator:
       found = _PY_ERROR.findall(e.message)
       if not found:
         raise
-      raise DataError(found[-1]) from None
+      raise BadRecord(found[-1]) from None
     return tf.nest.map_structure(lambda t: t.numpy(), batch)
 
   def get_state(self) -> bytes:

@@ -5,7 +5,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from data import packing, sources
+from data import packing, records, sources
+from data.batch import pad_batch
 from data.iterator import DatasetIterator
 from data.tokenizer import load_tokenizer
 
@@ -17,7 +18,7 @@ class PretrainData:
     self.config = data_config
     self.seq_len = seq_len
     self.tokenizer = load_tokenizer(data_config.tokenizer)
-    self.counters = sources.Counters()
+    self.counters = records.Counters()
 
   @property
   def vocab_size(self) -> int:
@@ -69,11 +70,3 @@ class PretrainData:
     if max_batches:
       ds = ds.take(max_batches)
     return [pad_batch(b, batch_size) for b in DatasetIterator(ds)]
-
-
-def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-  """Pads a short final batch with all-padding rows (segment 0, zero loss weight)."""
-  n = len(batch['inputs'])
-  if n == batch_size:
-    return batch
-  return {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}

@@ -8,79 +8,61 @@ Every record is checked and rendered once, up front (instruction sets fit in hos
 name the file and line. With `skip_bad_records`, bad records are skipped and counted instead.
 """
 
-import collections
 import hashlib
-import json
 from typing import Any, Iterator
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
+from etils import epath
 
-from data import chat, packing, sources
+from data import chat, packing, records, sources
+from data.batch import pad_batch
+from data.config import OVERLONG_POLICIES, SFT_FORMATS
 from data.iterator import DatasetIterator
-from data.pretrain import pad_batch
+from data.records import BadRecord
 from data.tokenizer import load_tokenizer
 
-FORMATS = ('alpaca', 'chat', 'prompt_completion')
 
-
-class SFTDataError(ValueError):
-  pass
-
-
-def _records(path: str, utf8: str, max_record_bytes: int, counters: collections.Counter
+def _records(path: str, utf8: str, max_record_bytes: int, counters: records.Counters
              ) -> Iterator[tuple[str, Any]]:
-  """(location, parsed JSON or a SFTDataError) for each record of a .json array or JSONL file."""
-  with tf.io.gfile.GFile(path, 'rb') as f:
-    raw = f.read()
-  try:
-    text = raw.decode('utf-8')
-  except UnicodeDecodeError as e:
-    if utf8 != 'replace':
-      line = raw[:e.start].count(b'\n') + 1
-      yield f'{path}:{line}', SFTDataError(
-          f'invalid UTF-8 at byte offset {e.start} (set config.data.invalid_utf8="replace" to '
-          'replace and count such bytes)')
+  """(location, parsed JSON or the BadRecord it is) for each record of a .json array or JSONL file."""
+  with epath.Path(path).open('rb') as f:
+    if path.endswith('.json') and f.read(4096).lstrip().startswith(b'['):
+      f.seek(0)
+      try:
+        items = records.parse_json(records.decode(f.read(), path, 0, utf8=utf8, counters=counters), path)
+      except records.BadRecord as e:
+        yield path, e
+        return
+      for i, item in enumerate(items):
+        yield f'{path}[record {i}]', item
       return
-    counters['invalid_utf8_replaced'] += 1
-    text = raw.decode('utf-8', errors='replace')
-  if path.endswith('.json') and text.lstrip().startswith('['):
-    try:
-      records = json.loads(text)
-    except json.JSONDecodeError as e:
-      yield f'{path}:{e.lineno}', SFTDataError(f'malformed JSON ({e.msg} at column {e.colno})')
-      return
-    for i, record in enumerate(records):
-      yield f'{path}[record {i}]', record
-    return
-  for n, line in enumerate(text.splitlines(), 1):
-    if not line.strip():
-      continue
-    if max_record_bytes and len(line) > max_record_bytes:
-      yield f'{path}:{n}', SFTDataError(f'record of {len(line):,} characters exceeds '
-                                        f'config.data.max_record_bytes ({max_record_bytes:,})')
-      continue
-    try:
-      yield f'{path}:{n}', json.loads(line)
-    except json.JSONDecodeError as e:
-      yield f'{path}:{n}', SFTDataError(f'malformed JSON ({e.msg} at column {e.colno})')
+    f.seek(0)
+    for where, raw, offset in records.lines(f, path):
+      try:
+        text = records.decode(raw, where, offset, utf8=utf8, max_record_bytes=max_record_bytes,
+                              counters=counters)
+        if text.strip():
+          yield where, records.parse_json(text, where)
+      except records.BadRecord as e:
+        yield where, e
 
 
 def to_messages(record: Any, fmt: str, fields: Any) -> list[dict[str, str]]:
   """One record of format `fmt` -> a conversation (list of {role, content})."""
   if not isinstance(record, dict):
-    raise SFTDataError(f'expected a JSON object, got {type(record).__name__}')
+    raise BadRecord(f'expected a JSON object, got {type(record).__name__}')
 
   def field(name, required=True):
     key = fields[name]
     if key not in record:
       if required:
-        raise SFTDataError(f'missing field {key!r} (config.data.fields.{name}); '
+        raise BadRecord(f'missing field {key!r} (config.data.fields.{name}); '
                            f'record has {sorted(record)}')
       return ''
     if not isinstance(record[key], (str, list)):
-      raise SFTDataError(f'field {key!r} must be a string, got {type(record[key]).__name__}')
+      raise BadRecord(f'field {key!r} must be a string, got {type(record[key]).__name__}')
     return record[key]
 
   if fmt == 'alpaca':
@@ -93,15 +75,15 @@ def to_messages(record: Any, fmt: str, fields: Any) -> list[dict[str, str]]:
   if fmt == 'chat':
     messages = field('messages')
     if not isinstance(messages, list):
-      raise SFTDataError(f'field {fields["messages"]!r} must be a list of messages')
+      raise BadRecord(f'field {fields["messages"]!r} must be a list of messages')
     out = []
     for i, m in enumerate(messages):
       if not isinstance(m, dict) or fields['role'] not in m or fields['content'] not in m:
-        raise SFTDataError(f'message {i} must be an object with {fields["role"]!r} and '
+        raise BadRecord(f'message {i} must be an object with {fields["role"]!r} and '
                            f'{fields["content"]!r}')
       out.append({'role': m[fields['role']], 'content': m[fields['content']]})
     return out
-  raise ValueError(f'config.data.format must be one of {FORMATS}, got {fmt!r}')
+  raise ValueError(f'config.data.format must be one of {SFT_FORMATS}, got {fmt!r}')
 
 
 class SFTData:
@@ -112,17 +94,18 @@ class SFTData:
     self.seq_len = seq_len
     self.tokenizer = load_tokenizer(data_config.tokenizer)
     self.template = chat.get_template(data_config.chat_template)
-    if data_config.overlong not in ('truncate', 'drop'):
-      raise ValueError(f"config.data.overlong must be 'truncate' or 'drop', got {data_config.overlong!r}")
-    self.counts = collections.Counter()
+    if data_config.overlong not in OVERLONG_POLICIES:
+      raise ValueError(f'config.data.overlong must be one of {OVERLONG_POLICIES}, got '
+                       f'{data_config.overlong!r}')
+    self.counts = records.Counters()
     train, held_out = self._load(data_config.train_files, 'train')
     if data_config.eval_files:
       held_out = self._load(data_config.eval_files, 'eval')[0]
     self.train_examples, self.eval_examples = train, held_out
     logging.info('SFT data: %d train and %d eval examples; %s', len(train), len(held_out),
-                 ', '.join(f'{k} {v}' for k, v in sorted(self.counts.items())) or 'nothing skipped')
+                 ', '.join(f'{k} {v}' for k, v in sorted(self.stats().items())) or 'nothing skipped')
     if not train:
-      raise SFTDataError(f'no usable training examples in {data_config.train_files}')
+      raise BadRecord(f'no usable training examples in {data_config.train_files}')
 
   @property
   def vocab_size(self) -> int:
@@ -130,7 +113,7 @@ class SFTData:
 
   def stats(self) -> dict[str, int]:
     """Records skipped, truncated or repaired while loading."""
-    return dict(self.counts)
+    return self.counts.snapshot()
 
   def _load(self, patterns: str, split: str):
     """(examples, held-out examples); the split by `eval_fraction` only applies without eval_files."""
@@ -138,15 +121,17 @@ class SFTData:
     examples, held_out = [], []
     for path in sources.resolve_files(patterns):
       for where, record in _records(path, cfg.invalid_utf8, cfg.max_record_bytes, self.counts):
-        try:
-          if isinstance(record, SFTDataError):
-            raise record
-          ids, mask = self.template.encode(self.tokenizer, to_messages(record, cfg.format, cfg.fields))
-        except (SFTDataError, chat.ChatFormatError) as e:
+        error = record if isinstance(record, BadRecord) else None  # already names its place
+        if error is None:
+          try:
+            ids, mask = self.template.encode(self.tokenizer, to_messages(record, cfg.format, cfg.fields))
+          except (BadRecord, chat.ChatFormatError) as e:
+            error = BadRecord(f'{where}: {e}')
+        if error is not None:
           if not cfg.skip_bad_records:
-            raise SFTDataError(f'{where}: {e}') from None
-          self.counts[f'{split}_skipped_bad_records'] += 1
-          logging.warning('Skipping %s: %s', where, e)
+            raise error
+          self.counts.add(f'{split}_skipped_bad_records')
+          logging.warning('Skipping %s', error)
           continue
         example = self._fit(ids, mask, split)
         if example is None:
@@ -161,19 +146,19 @@ class SFTData:
     if len(ids) <= self.seq_len:
       return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
     if self.config.overlong == 'drop':
-      self.counts[f'{split}_dropped_overlong'] += 1
+      self.counts.add(f'{split}_dropped_overlong')
       return None
     ids, mask = ids[:self.seq_len], mask[:self.seq_len]
     if not any(mask[1:]):  # nothing left to learn from
-      self.counts[f'{split}_dropped_overlong_no_answer'] += 1
+      self.counts.add(f'{split}_dropped_overlong_no_answer')
       return None
-    self.counts[f'{split}_truncated'] += 1
+    self.counts.add(f'{split}_truncated')
     return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
 
   def dataset(self, examples, shard_index, shard_count, batch_size, train: bool) -> tf.data.Dataset:
     examples = examples[shard_index::shard_count]
     if not examples:
-      raise SFTDataError(f'host {shard_index} of {shard_count} has no examples')
+      raise BadRecord(f'host {shard_index} of {shard_count} has no examples')
     lengths = np.array([len(e[0]) for e in examples], np.int64)
     ragged = lambda i: tf.RaggedTensor.from_row_lengths(np.concatenate([e[i] for e in examples]), lengths)
     ds = tf.data.Dataset.from_tensor_slices({'tokens': ragged(0), 'trainable': ragged(1)})

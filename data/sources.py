@@ -1,41 +1,38 @@
 """Where documents come from: local or gs:// files (plain text or JSONL) and TFDS, sharded per host.
 
-Every record travels with its provenance (file, line, byte offset) to one cleaning step, so that a
-bad record is reported by name: invalid UTF-8 (an error, or replaced and counted), a malformed JSONL
-line or missing field, a record over `max_record_bytes`. Empty and whitespace-only documents are
-skipped and counted. Counts live in a `Counters` object that the trainer logs.
+Every record travels with its provenance (file, line, byte offset) to the one cleaning path of
+data/records.py, so that a bad record is reported by name: invalid UTF-8 (an error, or replaced and
+counted), a malformed JSONL line or missing field, a record over `max_record_bytes`. Empty and
+whitespace-only documents are skipped and counted. Counts live in a `Counters` object that the
+trainer logs. Paths go through etils.epath (local, or gs:// through TensorFlow's file systems).
 """
 
-import collections
-import json
-import threading
+import glob as local_glob
+import re
 from typing import Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
+from etils import epath
 
-FORMATS = ('lines', 'files', 'jsonl', 'tfds')
-UTF8_POLICIES = ('error', 'replace')
+from data import records
+from data.config import PRETRAIN_FORMATS
+from data.records import BadRecord, Counters
+
+# What data/sources.py reads; 'synthetic' (the other pretraining format) makes batches itself.
+FORMATS = tuple(f for f in PRETRAIN_FORMATS if f != 'synthetic')
 
 
-class BadRecord(ValueError):
-  pass
-
-
-class Counters:
-  """Thread-safe counts of skipped or repaired records (tf.data runs Python steps in threads)."""
-
-  def __init__(self):
-    self._counts = collections.Counter()
-    self._lock = threading.Lock()
-
-  def add(self, key: str, n: int = 1):
-    with self._lock:
-      self._counts[key] += n
-
-  def snapshot(self) -> dict[str, int]:
-    with self._lock:
-      return dict(self._counts)
+def glob(pattern: str) -> list[str]:
+  """Files matching `pattern` (`*`, `?`, `[...]`, and `**` locally), local or on an object store."""
+  if '://' not in pattern:
+    return sorted(local_glob.glob(pattern, recursive=True))
+  parts = pattern.split('/')
+  fixed = next((i for i, part in enumerate(parts) if re.search(r'[*?[]', part)), len(parts))
+  root = epath.Path('/'.join(parts[:fixed]))
+  if fixed == len(parts):
+    return [pattern] if root.exists() else []
+  return sorted(str(p) for p in root.glob('/'.join(parts[fixed:])))
 
 
 def resolve_files(patterns: str | Sequence[str]) -> list[str]:
@@ -46,12 +43,12 @@ def resolve_files(patterns: str | Sequence[str]) -> list[str]:
     raise ValueError('No input files given (empty file pattern)')
   files = []
   for pattern in patterns:
-    matched = sorted(tf.io.gfile.glob(pattern))
+    matched = glob(pattern)
     if not matched:
       raise FileNotFoundError(f'File pattern {pattern!r} matched no file')
     files.extend(matched)
   files = sorted(set(files))
-  empty = [f for f in files if tf.io.gfile.stat(f).length == 0]
+  empty = [f for f in files if epath.Path(f).stat().length == 0]
   if empty:
     raise ValueError(f'{len(empty)} empty input file(s): {", ".join(empty[:5])}'
                      f'{" ..." if len(empty) > 5 else ""}; remove them or fix the pattern')
@@ -70,25 +67,14 @@ def shard_files(files: list[str], shard_index: int, shard_count: int) -> tuple[l
 
 
 def record_text(raw: bytes, where: str, offset: int, fmt: str, text_field: str = 'text',
-                utf8: str = 'error', counters: Counters | None = None) -> str:
+                utf8: str = 'error', max_record_bytes: int = 0, counters: Counters | None = None) -> str:
   """One raw record -> its document text. `where` names it ('file:line') in errors; `offset` is the
   record's byte offset in its file (-1 where unknown)."""
-  try:
-    text = raw.decode('utf-8')
-  except UnicodeDecodeError as e:
-    if utf8 != 'replace':
-      at = f'byte offset {offset + e.start}' if offset >= 0 else f'byte {e.start} of the record'
-      raise BadRecord(f'{where}: invalid UTF-8 at {at} (set config.data.invalid_utf8="replace" to '
-                      'replace and count such bytes)') from None
-    text = raw.decode('utf-8', errors='replace')
-    if counters:
-      counters.add('invalid_utf8_replaced')
+  text = records.decode(raw, where, offset, utf8=utf8, max_record_bytes=max_record_bytes,
+                        counters=counters)
   if fmt != 'jsonl':
     return text
-  try:
-    record = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise BadRecord(f'{where}: malformed JSON ({e.msg} at column {e.colno})') from None
+  record = records.parse_json(text, where)
   if not isinstance(record, dict) or text_field not in record:
     keys = sorted(record) if isinstance(record, dict) else type(record).__name__
     raise BadRecord(f'{where}: JSON record has no {text_field!r} field (set config.data.text_field); '
@@ -106,10 +92,7 @@ def _cleaner(fmt, text_field, utf8, max_record_bytes, skip_bad_records, counters
     for source, line, offset, raw in zip(sources, lines, offsets, raws):
       where = source.decode() + (f':{line + 1}' if line >= 0 else '')
       try:
-        if max_record_bytes and len(raw) > max_record_bytes:
-          raise BadRecord(f'{where}: record of {len(raw):,} bytes exceeds config.data.max_record_bytes '
-                          f'({max_record_bytes:,})')
-        text = record_text(raw, where, int(offset), fmt, text_field, utf8, counters)
+        text = record_text(raw, where, int(offset), fmt, text_field, utf8, max_record_bytes, counters)
       except BadRecord:
         if not skip_bad_records:
           raise
@@ -148,14 +131,13 @@ def documents(fmt: str, files: str, *, text_field: str = 'text', shard_index: in
   (anew each epoch); with `repeat`, it never ends."""
   if fmt not in FORMATS:
     raise ValueError(f'config.data.format must be one of {FORMATS}, got {fmt!r}')
-  if utf8 not in UTF8_POLICIES:
-    raise ValueError(f'config.data.invalid_utf8 must be one of {UTF8_POLICIES}, got {utf8!r}')
+  records.check_policy(utf8)
   counters = counters or Counters()
   if fmt == 'tfds':
-    records = _tfds_records(tfds_name, tfds_split, tfds_data_dir, text_field, shard_index,
-                            shard_count, seed)
+    rows = _tfds_records(tfds_name, tfds_split, tfds_data_dir, text_field, shard_index, shard_count,
+                         seed)
     if repeat:
-      records = records.repeat()
+      rows = rows.repeat()
   else:
     paths, shard_docs = shard_files(resolve_files(files), shard_index, shard_count)
     file_ds = tf.data.Dataset.from_tensor_slices(paths)
@@ -163,11 +145,10 @@ def documents(fmt: str, files: str, *, text_field: str = 'text', shard_index: in
       file_ds = file_ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     if repeat:
       file_ds = file_ds.repeat()
-    records = file_ds.interleave(_numbered_records(fmt), cycle_length=min(len(paths), 8),
-                                 block_length=16, num_parallel_calls=tf.data.AUTOTUNE,
-                                 deterministic=True)
+    rows = file_ds.interleave(_numbered_records(fmt), cycle_length=min(len(paths), 8),
+                              block_length=16, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if shard_docs:
-      records = records.shard(shard_count, shard_index)
+      rows = rows.shard(shard_count, shard_index)
   clean = _cleaner('files' if fmt == 'tfds' else fmt, text_field, utf8, max_record_bytes,
                    skip_bad_records, counters)
 
@@ -175,7 +156,7 @@ def documents(fmt: str, files: str, *, text_field: str = 'text', shard_index: in
     docs = tf.numpy_function(clean, [source, line, offset, raw], tf.string, stateful=False)
     docs.set_shape([None])
     return docs
-  return records.batch(256).map(clean_batch).unbatch()
+  return rows.batch(256).map(clean_batch).unbatch()
 
 
 def _tfds_records(name, split, data_dir, text_field, shard_index, shard_count, seed):
@@ -201,8 +182,8 @@ def iter_texts_python(files: Sequence[str], fmt: str, text_field: str = 'text',
     raise ValueError(f'format must be lines, files or jsonl, got {fmt!r}')
   total = 0
   for path in files:
-    with tf.io.gfile.GFile(path, 'rb') as f:
-      for where, raw, offset in ([(path, f.read(), 0)] if fmt == 'files' else _lines(f, path)):
+    with epath.Path(path).open('rb') as f:
+      for where, raw, offset in ([(path, f.read(), 0)] if fmt == 'files' else records.lines(f, path)):
         text = record_text(raw, where, offset, fmt, text_field)
         if not text.strip():
           continue
@@ -210,10 +191,3 @@ def iter_texts_python(files: Sequence[str], fmt: str, text_field: str = 'text',
         total += len(text)
         if max_chars and total >= max_chars:
           return
-
-
-def _lines(f, path) -> Iterator[tuple[str, bytes, int]]:
-  offset = 0
-  for n, line in enumerate(f):
-    yield f'{path}:{n + 1}', line.rstrip(b'\n'), offset
-    offset += len(line)

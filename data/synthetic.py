@@ -7,6 +7,8 @@ arithmetic token sequences: learnable, so a falling loss shows that training wor
 
 import numpy as np
 
+from data.batch import BATCH_KEYS
+
 
 def synthetic_global_batch(seed: int, step: int, batch_size: int, seq_len: int, vocab_size: int,
                            docs_per_row: int = 2) -> dict[str, np.ndarray]:
@@ -25,13 +27,14 @@ def synthetic_global_batch(seed: int, step: int, batch_size: int, seq_len: int, 
   tokens = 3 + tokens % (vocab_size - 3)
   same_next = np.concatenate([segment_ids[:, 1:] == segment_ids[:, :-1],
                               np.zeros((batch_size, 1), bool)], axis=1)
-  return {
-      'inputs': tokens.astype(np.int32),
-      'targets': np.concatenate([tokens[:, 1:], np.zeros((batch_size, 1), tokens.dtype)], 1).astype(np.int32),
-      'segment_ids': segment_ids.astype(np.int32),
-      'positions': positions.astype(np.int32),
-      'loss_weights': same_next.astype(np.float32),
+  batch = {
+      'inputs': tokens,
+      'targets': np.concatenate([tokens[:, 1:], np.zeros((batch_size, 1), tokens.dtype)], 1),
+      'segment_ids': segment_ids,
+      'positions': positions,
+      'loss_weights': same_next,
   }
+  return {k: batch[k].astype(dtype) for k, dtype in BATCH_KEYS.items()}
 
 
 class SyntheticIterator:

@@ -2,7 +2,7 @@
 
 Two kinds: SentencePiece `.model` files (Llama 2, Mistral) and Hugging Face `tokenizer.json` files
 (Llama 3, Qwen) through the `tokenizers` package; `load_tokenizer` picks by file type. This module
-imports no TensorFlow (except to read gs:// paths): model/generate.py and the SFT templates use it too.
+imports no TensorFlow (gs:// paths go through etils.epath): model/generate.py and the chat templates use it.
 """
 
 import os
@@ -11,6 +11,7 @@ import tempfile
 from typing import Iterable, Sequence
 
 from absl import app, flags, logging
+from etils import epath
 
 
 class Tokenizer:
@@ -141,10 +142,7 @@ def _declared_special_tokens(folder: str) -> dict[str, str | None]:
 
 
 def _open(path: str):
-  if path.startswith('gs://'):
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    return tf.io.gfile.GFile(path, 'rb')
-  return open(path, 'rb')
+  return epath.Path(path).open('rb')
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -208,9 +206,8 @@ FLAGS = flags.FLAGS
 def _reading_progress(texts: Iterable[str], files: Sequence[str], max_chars: int) -> Iterable[str]:
   """`texts`, with a progress bar (rate, ETA) on a terminal. The total is the files' size in bytes,
   capped at `max_chars`; each document counts its characters, so the bar is approximate for JSONL."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel  (already loaded by data.sources)
   import tqdm  # pylint: disable=import-outside-toplevel
-  total = sum(tf.io.gfile.stat(f).length for f in files)
+  total = sum(epath.Path(f).stat().length for f in files)
   total = min(total, max_chars) if max_chars else total
   with tqdm.tqdm(total=total, desc='Reading the corpus', unit='char', unit_scale=True,
                  disable=None) as bar:

@@ -1,4 +1,8 @@
-"""A LLaMA-family decoder in Flax linen. Imports JAX and Flax only (no TensorFlow)."""
+"""A LLaMA-family decoder in Flax linen, its weights on disk, and the commands that run it.
+
+Library modules import JAX, Flax and orbax only: never `train/`, nor `data/` (no TensorFlow). Only the
+command-line modules (generate, convert, exact_match) use `data/`, for tokenizers and chat templates.
+"""
 
 from model.config import PRESETS, ModelConfig, preset
-from model.transformer import Transformer
+from model.transformer import Transformer, abstract_params, count_params, init_params

@@ -219,6 +219,8 @@ IMPLEMENTATIONS = {
     'splash': splash_attention,
     'cudnn': cudnn_attention,
 }
+# What model.attention may name: an implementation, or 'auto' (picked per platform by `resolve`).
+NAMES = ('auto', *IMPLEMENTATIONS)
 
 
 def target_platform() -> str:

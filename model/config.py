@@ -3,6 +3,15 @@
 import dataclasses
 from typing import Any, Mapping
 
+import ml_dtypes
+import numpy as np
+
+from model import attention, remat
+
+# Names of the floating-point dtypes a config may use, and their numpy types (host arrays, safetensors).
+DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16),
+          'float16': np.dtype(np.float16)}
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -37,8 +46,6 @@ class ModelConfig:
   scan_layers: bool = True
   remat_policy: str = 'none'
   attention: str = 'auto'
-  # The loss computes float32 logits for this many positions at a time (0: the whole sequence at once).
-  loss_chunk_len: int = 1024
 
   def __post_init__(self):
     errors = []
@@ -49,17 +56,15 @@ class ModelConfig:
     if self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:
       errors.append(f'model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads '
                     f'({self.n_kv_heads}) for grouped-query attention')
-    if self.loss_chunk_len < 0:
-      errors.append(f'model.loss_chunk_len must be >= 0 (0: no chunking), got {self.loss_chunk_len}')
     if self.head_dim % 2:
       errors.append(f'model.head_dim must be even for rotary embeddings, got {self.head_dim}')
     for name in ('dtype', 'param_dtype'):
       if getattr(self, name) not in DTYPES:
         errors.append(f'model.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}')
-    if self.remat_policy not in REMAT_POLICIES:
-      errors.append(f'model.remat_policy must be one of {list(REMAT_POLICIES)}, got {self.remat_policy!r}')
-    if self.attention not in ATTENTION_IMPLS:
-      errors.append(f'model.attention must be one of {list(ATTENTION_IMPLS)}, got {self.attention!r}')
+    if self.remat_policy not in remat.POLICIES:
+      errors.append(f'model.remat_policy must be one of {list(remat.POLICIES)}, got {self.remat_policy!r}')
+    if self.attention not in attention.NAMES:
+      errors.append(f'model.attention must be one of {list(attention.NAMES)}, got {self.attention!r}')
     if errors:
       raise ValueError('Invalid model config:\n  ' + '\n  '.join(errors))
 
@@ -68,24 +73,23 @@ class ModelConfig:
     """Builds a config from a mapping (e.g. an ml_collections ConfigDict), rejecting unknown keys."""
     values = dict(values)
     values.pop('preset', None)  # informational: which preset the values came from
+    for name in RETIRED_FIELDS:  # still in the model_config of checkpoints written before they moved
+      values.pop(name, None)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
       raise ValueError(f'Unknown model config key(s) {unknown}; expected a subset of {sorted(known)}')
     return cls(**values)
 
-  @property
-  def heads_per_kv_head(self) -> int:
-    return self.n_heads // self.n_kv_heads
 
-
-DTYPES = ('float32', 'bfloat16', 'float16')
-# Names of rematerialisation policies, from keeping every activation ('none') to keeping only each
-# layer's input ('full'); model/transformer.py maps them to jax.checkpoint policies.
-REMAT_POLICIES = ('none', 'save_dots', 'save_dots_except_mlp', 'save_attn', 'save_qkv', 'full')
-# Attention implementations (model/attention.py); 'auto' picks per platform: splash on TPU, cudnn on
-# GPU, chunked on CPU.
-ATTENTION_IMPLS = ('auto', 'xla', 'chunked', 'splash', 'cudnn')
+# Fields that fix the weights' shapes and the function they compute: a checkpoint, a preset and a
+# config must agree on these to mean the same model. The others say how to compute it (dtypes,
+# compilation, attention kernel) and may differ.
+ARCHITECTURE_FIELDS = ('vocab_size', 'embed_dim', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim',
+                       'mlp_dim', 'norm_eps', 'rope_theta', 'rope_scaling_factor', 'rope_low_freq_factor',
+                       'rope_high_freq_factor', 'rope_original_max_len', 'qkv_bias', 'tie_embeddings')
+# Fields that moved out of ModelConfig (`loss_chunk_len` is now train.loss_chunk_len).
+RETIRED_FIELDS = ('loss_chunk_len',)
 
 
 # Published shapes. Parameter counts are checked in tests/test_model.py.

@@ -9,20 +9,17 @@ scored per task.
       --data demo/sft/eval.jsonl --chat-template llama2
 """
 
-import argparse
 import collections
 import json
-import sys
 
-import jax
-import jax.numpy as jnp
-import flax.linen as nn
 import tqdm
+from absl import app, flags
 
 from data import chat
 from data.tokenizer import load_tokenizer
+from model import params as params_lib
+from model import runtime
 from model.generate import Generator, SamplingConfig
-from model.transformer import Transformer
 
 
 def load_records(path: str, limit: int = 0) -> list[dict]:
@@ -69,45 +66,47 @@ def exact_match(generator: Generator, tokenizer, template: chat.Template, record
           'answers': rows}
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--ckpt', required=True, help='Workdir, checkpoints folder or step folder.')
-  parser.add_argument('--tokenizer', required=True)
-  parser.add_argument('--data', required=True, help='Chat JSONL whose last turns are the answers.')
-  parser.add_argument('--chat-template', '--chat_template', dest='chat_template', required=True)
-  parser.add_argument('--limit', type=int, default=0, help='Score only the first N records.')
-  parser.add_argument('--show', type=int, default=3, help='Print this many answers per task.')
-  parser.add_argument('--label', default='', help='Prefix for the printed summary line.')
-  parser.add_argument('--json-out', '--json_out', dest='json_out', default='',
-                      help='Also write the scores to this JSON file.')
-  args = parser.parse_args(argv)
+FLAGS = flags.FLAGS  # defined by define_flags() when run as a program
 
-  from train import checkpoint  # pylint: disable=import-outside-toplevel  (entry point)
-  model_config = checkpoint.load_model_config(args.ckpt)
-  abstract = nn.meta.unbox(jax.eval_shape(lambda: Transformer(model_config).init(
-      jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))['params'])
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-  params = checkpoint.load_params(args.ckpt, abstract)
-  tokenizer = load_tokenizer(args.tokenizer)
-  records = load_records(args.data, args.limit)
-  result = exact_match(Generator(model_config, params), tokenizer, chat.get_template(args.chat_template),
+
+def main(argv):
+  runtime.no_positional_arguments(argv)
+  runtime.setup(keep_freed_memory=False)
+  model_config = params_lib.load_model_config(FLAGS.ckpt)
+  params = params_lib.load_params(FLAGS.ckpt, params_lib.abstract_params_on(model_config))
+  tokenizer = load_tokenizer(FLAGS.tokenizer)
+  records = load_records(FLAGS.data, FLAGS.limit)
+  result = exact_match(Generator(model_config, params), tokenizer, chat.get_template(FLAGS.chat_template),
                        records)
 
   shown = collections.Counter()
   for record, (question, expected, got) in zip(records, result['answers']):
     task = record.get('task', 'all')
-    if shown[task] < args.show:
+    if shown[task] < FLAGS.show:
       shown[task] += 1
       mark = 'ok ' if got == expected else 'BAD'
       print(f'  [{mark}] {question!r} -> {got!r} (expected {expected!r})')
   per_task = ', '.join(f'{k} {100 * v:.0f}%' for k, v in result['per_task'].items())
-  print(f"{args.label}exact-match accuracy {100 * result['accuracy']:.1f}% on {len(records)} "
+  print(f"{FLAGS.label}exact-match accuracy {100 * result['accuracy']:.1f}% on {len(records)} "
         f"held-out questions" + (f' ({per_task})' if per_task else ''))
-  if args.json_out:
-    with open(args.json_out, 'w', encoding='utf-8') as f:
+  if FLAGS.json_out:
+    with open(FLAGS.json_out, 'w', encoding='utf-8') as f:
       json.dump({k: v for k, v in result.items() if k != 'answers'}, f, indent=2)
 
 
+def define_flags():
+  flags.DEFINE_string('ckpt', None, 'Workdir, checkpoints folder or step folder.', required=True)
+  flags.DEFINE_string('tokenizer', None, 'SentencePiece .model, HF tokenizer.json, or a folder holding '
+                      'one.', required=True)
+  flags.DEFINE_string('data', None, 'Chat JSONL whose last turns are the answers.', required=True)
+  flags.DEFINE_string('chat_template', None, 'The chat template to prompt with.', required=True)
+  flags.DEFINE_integer('limit', 0, 'Score only the first N records.', lower_bound=0)
+  flags.DEFINE_integer('show', 3, 'Print this many answers per task.', lower_bound=0)
+  flags.DEFINE_string('label', '', 'Prefix for the printed summary line.')
+  flags.DEFINE_string('json_out', '', 'Also write the scores to this JSON file.')
+  runtime.dashed_aliases(['chat_template', 'json_out'])
+
+
 if __name__ == '__main__':
-  sys.exit(main())
+  define_flags()
+  app.run(main)

@@ -12,19 +12,22 @@ prefill and then a `lax.while_loop` of single-token steps, each costing one posi
 parameters over every device (FSDP) and `--mesh 1,1,-1` over heads (tensor parallel).
 """
 
-import argparse
 import contextlib
 import dataclasses
 import functools
 import time
 from typing import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
-from model.config import ModelConfig
+from data import chat
+from data.tokenizer import check_vocab, load_tokenizer
+from model import params as params_lib
+from model import runtime, sharding
+from model.config import DTYPES, ModelConfig
 from model.transformer import Transformer
 
 
@@ -138,7 +141,7 @@ class Generator:
   def _context(self):
     if self._mesh is None:
       return contextlib.nullcontext()
-    return _mesh_context(self._mesh, self._rules)
+    return sharding.activate(self._mesh, self._rules)
 
   def compile(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
               stop_ids: Sequence[int], pad_id: int = 0) -> float:
@@ -170,77 +173,41 @@ class Generator:
     return results
 
 
-@contextlib.contextmanager
-def _mesh_context(mesh, rules):
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    yield
+FLAGS = flags.FLAGS  # defined by define_flags() when run as a program
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--ckpt', required=True, help='Workdir, checkpoints folder or step folder.')
-  parser.add_argument('--tokenizer', required=True, help='SentencePiece .model or HF tokenizer.json.')
-  parser.add_argument('--prompt', action='append', required=True,
-                      help='A prompt; repeat the flag for a batch.')
-  parser.add_argument('--chat-template', '--chat_template', dest='chat_template', default='',
-                      help='Render each prompt as a user turn of this chat template.')
-  parser.add_argument('--system', default='', help='System message (with --chat-template).')
-  parser.add_argument('--max-new-tokens', '--max_new_tokens', dest='max_new_tokens', type=int,
-                      default=128)
-  parser.add_argument('--temperature', type=float, default=0.0)
-  parser.add_argument('--top-k', '--top_k', dest='top_k', type=int, default=0)
-  parser.add_argument('--top-p', '--top_p', dest='top_p', type=float, default=1.0)
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--mesh', default='',
-                      help='data,fsdp,tensor sizes to shard over (e.g. 1,-1,1); default: one device.')
-  parser.add_argument('--param-dtype', '--param_dtype', dest='param_dtype', default='',
-                      choices=['', 'float32', 'bfloat16', 'float16'],
-                      help='Cast the parameters to this dtype when loading (default: as the checkpoint '
-                           'says, e.g. float32 after training; bfloat16 halves the memory).')
-  args = parser.parse_args(argv)
-
-  # Entry point: free to use the trainer's checkpoint and sharding helpers.
-  from data import chat  # pylint: disable=import-outside-toplevel
-  from data.tokenizer import check_vocab, load_tokenizer  # pylint: disable=import-outside-toplevel
-  from train import checkpoint, sharding  # pylint: disable=import-outside-toplevel
-
-  model_config = checkpoint.load_model_config(args.ckpt)
-  if args.param_dtype:
-    model_config = dataclasses.replace(model_config, param_dtype=args.param_dtype)
-  tokenizer = load_tokenizer(args.tokenizer)
+def main(argv):
+  runtime.no_positional_arguments(argv)
+  runtime.setup(keep_freed_memory=False)
+  model_config = params_lib.load_model_config(FLAGS.ckpt)
+  if FLAGS.param_dtype:
+    model_config = dataclasses.replace(model_config, param_dtype=FLAGS.param_dtype)
+  tokenizer = load_tokenizer(FLAGS.tokenizer)
   try:
     check_vocab(tokenizer, model_config.vocab_size)
   except ValueError as e:
-    parser.error(str(e))
+    raise app.UsageError(str(e)) from None
   mesh = None
-  abstract = jax.eval_shape(lambda: Transformer(model_config).init(
-      jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))['params']
-  if args.mesh:
-    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, map(int, args.mesh.split(',')))))
-    shardings = sharding.logical_to_sharding(nn.get_partition_spec(abstract), mesh)
-  else:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: device, nn.meta.unbox(abstract))
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nn.meta.unbox(abstract), shardings)
-  params = checkpoint.load_params(args.ckpt, abstract)
+  if FLAGS.mesh:
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, map(int, FLAGS.mesh.split(',')))))
+  params = params_lib.load_params(FLAGS.ckpt, params_lib.abstract_params_on(model_config, mesh))
 
-  if args.chat_template:
-    template = chat.get_template(args.chat_template)
-    prompts = [template.prompt_ids(tokenizer, chat.conversation(p, args.system)) for p in args.prompt]
+  if FLAGS.chat_template:
+    template = chat.get_template(FLAGS.chat_template)
+    prompts = [template.prompt_ids(tokenizer, chat.conversation(p, FLAGS.system)) for p in FLAGS.prompt]
     stop_ids = template.stop_ids(tokenizer)
   else:
     bos = [tokenizer.bos_id] if tokenizer.add_bos else []
-    prompts = [bos + tokenizer.encode(p) for p in args.prompt]
+    prompts = [bos + tokenizer.encode(p) for p in FLAGS.prompt]
     stop_ids = [tokenizer.eos_id]
   generator = Generator(model_config, params, mesh, sharding.LOGICAL_AXIS_RULES)
-  sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                            vocab_limit=tokenizer.vocab_size)
+  sampling = SamplingConfig(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
+                            FLAGS.seed, vocab_limit=tokenizer.vocab_size)
   compile_s = generator.compile(prompts, sampling, stop_ids, tokenizer.pad_id)
   start = time.perf_counter()
   outputs = generator.generate(prompts, sampling, stop_ids, tokenizer.pad_id)
   elapsed = time.perf_counter() - start
-  for prompt, out in zip(args.prompt, outputs):
+  for prompt, out in zip(FLAGS.prompt, outputs):
     print(f'>>> {prompt}\n{tokenizer.decode(out)}\n')
   n_tokens = sum(len(o) for o in outputs)
   print(f'{n_tokens} new tokens in {elapsed:.2f} s: {n_tokens / max(elapsed, 1e-9):.1f} tokens/s '
@@ -248,5 +215,26 @@ def main(argv=None):
         f'{"mesh " + str(dict(mesh.shape)) if mesh else jax.devices()[0].platform})')
 
 
+def define_flags():
+  flags.DEFINE_string('ckpt', None, 'Workdir, checkpoints folder or step folder.', required=True)
+  flags.DEFINE_string('tokenizer', None, 'SentencePiece .model, HF tokenizer.json, or a folder holding '
+                      'one.', required=True)
+  flags.DEFINE_multi_string('prompt', None, 'A prompt; repeat the flag for a batch.', required=True)
+  flags.DEFINE_string('chat_template', '', 'Render each prompt as a user turn of this chat template.')
+  flags.DEFINE_string('system', '', 'System message (with --chat_template).')
+  flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate at most.', lower_bound=1)
+  flags.DEFINE_float('temperature', 0.0, '0: greedy.', lower_bound=0.0)
+  flags.DEFINE_integer('top_k', 0, 'Sample among the k likeliest tokens (0: all).', lower_bound=0)
+  flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling threshold (1: off).', lower_bound=0.0, upper_bound=1.0)
+  flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+  flags.DEFINE_string('mesh', '', 'data,fsdp,tensor sizes to shard over (e.g. 1,-1,1); default: one '
+                      'device.')
+  flags.DEFINE_enum('param_dtype', '', ['', *DTYPES], 'Cast the parameters to this dtype when loading '
+                    '(default: as the checkpoint says, e.g. float32 after training; bfloat16 halves the '
+                    'memory).')
+  runtime.dashed_aliases(['chat_template', 'max_new_tokens', 'top_k', 'top_p', 'param_dtype'])
+
+
 if __name__ == '__main__':
-  main()
+  define_flags()
+  app.run(main)

@@ -3,7 +3,7 @@
 Einsum subscripts name dimensions: B batch, T query length, S key length, D embed, N query heads,
 K key/value heads, G query heads per key/value head, H head dim, F mlp hidden, V vocab, L layers, and
 X tokens (B and T merged; see `_token_einsum`).
-Every parameter is created with logical axis names (see train/sharding.py for how they map to a mesh),
+Every parameter is created with logical axis names (see model/sharding.py for how they map to a mesh),
 and activations are constrained to logical axes at block boundaries.
 """
 
@@ -16,6 +16,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from model import attention as attention_lib
+from model import remat
 from model.config import ModelConfig
 
 
@@ -246,22 +247,6 @@ class DecoderLayer(nn.Module):
     return _constrain(x, ('batch', 'length', 'act_embed')), None
 
 
-# What each layer keeps for its backward pass (the rest is recomputed), from most to least memory;
-# 'none' (keep everything) applies no jax.checkpoint at all. Names are the checkpoint_name tags above.
-REMAT_POLICIES = {
-    # Every weight matmul's output (MaxText's "minimal"): recompute only attention and elementwise ops.
-    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # The attention block's matmul outputs; recompute the MLP (the largest activations).
-    'save_dots_except_mlp': jax.checkpoint_policies.save_only_these_names(
-        'query_proj', 'key_proj', 'value_proj', 'attention_out', 'attention_proj'),
-    'save_attn': jax.checkpoint_policies.save_only_these_names(
-        'query_proj', 'key_proj', 'value_proj', 'attention_out'),
-    'save_qkv': jax.checkpoint_policies.save_only_these_names('query_proj', 'key_proj', 'value_proj'),
-    # Only each layer's input: the whole layer is recomputed (about a third more FLOPs).
-    'full': jax.checkpoint_policies.nothing_saveable,
-}
-
-
 class Transformer(nn.Module):
   """tokens [B, T] (+ segment_ids, positions for packed rows) -> logits [B, T, V] in float32.
 
@@ -283,7 +268,7 @@ class Transformer(nn.Module):
     layer = DecoderLayer
     if cfg.remat_policy != 'none' and not self.decode:
       # Inside a scan, XLA cannot CSE across iterations, so the CSE barrier is only needed unrolled.
-      layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+      layer = nn.remat(layer, policy=remat.POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       self.layers = nn.scan(
           layer, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True},
@@ -324,3 +309,19 @@ class Transformer(nn.Module):
       w = _shard_gradient(self.unembed, ('embed', 'vocab')).astype(dtype)
     logits = _unembed(hidden.astype(dtype), w)
     return _constrain(logits, ('batch', 'length', 'act_vocab'))
+
+
+def init_params(cfg: ModelConfig, rng):
+  """Freshly initialised parameters, each leaf still boxed with its logical axes
+  (flax LogicallyPartitioned): the one place the parameter tree is built."""
+  return Transformer(cfg).init(rng, jnp.zeros((1, 8), jnp.int32))['params']
+
+
+def abstract_params(cfg: ModelConfig, boxed: bool = False):
+  """The parameter tree as ShapeDtypeStructs, computing nothing; `boxed` keeps the logical axes."""
+  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  return shapes if boxed else nn.meta.unbox(shapes)
+
+
+def count_params(cfg: ModelConfig) -> int:
+  return sum(x.size for x in jax.tree.leaves(abstract_params(cfg)))

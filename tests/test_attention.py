@@ -10,7 +10,7 @@ import pytest
 
 from model import ModelConfig, Transformer
 from model import attention as attention_lib
-from train import sharding
+from model import sharding
 
 B, T, N, K, H = 2, 256, 4, 2, 32
 

@@ -8,11 +8,11 @@ import re
 import pytest
 
 from configs import default, tiny
-from data.iterator import DataError
+from data.records import BadRecord
 from data.pretrain import PretrainData
 from data.synthetic import SyntheticData
-from train import loop, validate
-from train.sft import params_from_checkpoint
+from train import checkpoint, loop, validate
+from train import run as run_lib
 
 SMALL_MODEL = dict(vocab_size=512, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                    mlp_dim=128)
@@ -35,7 +35,7 @@ def _first_batch(demo_data, files, **overrides):
 def test_invalid_utf8_names_file_and_byte_offset(demo_data, tmp_path):
   path = tmp_path / 'bad.txt'
   path.write_bytes(b'a fine first line\nsecond line \xff\xfe broken\nthird line\n')
-  with pytest.raises(DataError, match=re.escape(f'{path}:2: invalid UTF-8 at byte offset 30')):
+  with pytest.raises(BadRecord, match=re.escape(f'{path}:2: invalid UTF-8 at byte offset 30')):
     _first_batch(demo_data, str(path))
   _, stats = _first_batch(demo_data, str(path), invalid_utf8='replace')
   assert stats['invalid_utf8_replaced'] == 1
@@ -44,7 +44,7 @@ def test_invalid_utf8_names_file_and_byte_offset(demo_data, tmp_path):
 def test_invalid_utf8_in_a_whole_file_document(demo_data, tmp_path):
   path = tmp_path / 'doc.txt'
   path.write_bytes(b'some text\nmore \xc3\x28 text')
-  with pytest.raises(DataError, match=re.escape(f'{path}: invalid UTF-8 at byte offset 15')):
+  with pytest.raises(BadRecord, match=re.escape(f'{path}: invalid UTF-8 at byte offset 15')):
     _first_batch(demo_data, str(path), format='files')
 
 
@@ -71,7 +71,7 @@ def test_glob_matching_no_file_is_an_error(demo_data, tmp_path):
 def test_record_over_the_size_limit(demo_data, tmp_path):
   path = tmp_path / 'big.txt'
   path.write_text('short line\n' + 'x' * 5000 + '\nshort again\n')
-  with pytest.raises(DataError, match=re.escape(f'{path}:2: record of 5,000 bytes exceeds '
+  with pytest.raises(BadRecord, match=re.escape(f'{path}:2: record of 5,000 bytes exceeds '
                                                 'config.data.max_record_bytes (4,096)')):
     _first_batch(demo_data, str(path), max_record_bytes=4096)
   _, stats = _first_batch(demo_data, str(path), max_record_bytes=4096, skip_bad_records=True)
@@ -107,4 +107,4 @@ def test_init_from_a_checkpoint_of_another_shape_names_the_parameter(tmp_path):
   expected = ("parameter ['layers']['mlp']['down_proj'] has shape (2, 128, 64) in the checkpoint but "
               'the model expects (2, 256, 64)')
   with pytest.raises(validate.ConfigError, match=re.escape(expected)):
-    params_from_checkpoint(workdir)(loop.Run(other))
+    checkpoint.params_from(workdir)(run_lib.Run(other))

@@ -8,14 +8,14 @@ import sys
 import pytest
 
 from configs import tiny
-from train import compile as compile_lib
+from train import topology as compile_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_parse_topology():
   t = compile_lib.parse_topology('v5p-8')
-  assert (t.chip.generation, t.grid, t.num_chips, t.chip.hbm_gib) == ('v5p', '2x2x1', 4, 95)
+  assert (t.chip.name, t.grid, t.num_chips, t.chip.hbm_gib) == ('v5p', '2x2x1', 4, 95)
   assert compile_lib.parse_topology('v4-8').num_chips == 4
   assert compile_lib.parse_topology('v5e-8').grid == '2x4'
   assert compile_lib.parse_topology('v5litepod-16').num_chips == 16
@@ -78,7 +78,7 @@ def test_config_variants():
     compile_lib.load_config('configs/llama3_8b.py:v9-8')
   assert compile_lib.step_name(sft) == 'SFT step'
   from data import sft as sft_data  # pylint: disable=import-outside-toplevel  (TensorFlow)
-  for fmt in sft_data.FORMATS:  # train.compile keeps its own copy of the list, without TensorFlow
+  for fmt in sft_data.SFT_FORMATS:  # the formats the SFT pipeline reads
     sft.data.format = fmt
     assert compile_lib.step_name(sft) == 'SFT step', fmt
   assert compile_lib.step_name(compile_lib.load_config('configs/sft_tiny.py')) == 'SFT step'

@@ -15,8 +15,10 @@ import torch
 import transformers
 
 from model import Transformer, convert
+from model import hf as hf_lib
+from model import params as params_lib
+from tests.cli import run_cli
 from model.generate import Generator, SamplingConfig
-from train import checkpoint
 
 VOCAB = 160
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -52,10 +54,8 @@ def _hf_logits(model, tokens):
 
 
 def _load(ckpt, **overrides):
-  cfg = dataclasses.replace(checkpoint.load_model_config(ckpt), dtype='float32', **overrides)
-  abstract = nn.meta.unbox(jax.eval_shape(lambda: Transformer(cfg).init(
-      jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))['params'])
-  return cfg, checkpoint.load_params(ckpt, abstract)
+  cfg = dataclasses.replace(params_lib.load_model_config(ckpt), dtype='float32', **overrides)
+  return cfg, params_lib.load_params(ckpt, params_lib.abstract_params_on(cfg))
 
 
 @pytest.fixture(scope='module', params=sorted(ARCHS))
@@ -67,7 +67,8 @@ def imported(request, tmp_path_factory):
   # Mistral is saved in shards, to exercise model.safetensors.index.json.
   model.save_pretrained(root / 'hf', max_shard_size='100KB' if arch == 'mistral' else '5GB')
   ckpt = str(root / 'ckpt')
-  convert.main(['import', '--hf-dir', str(root / 'hf'), '--out', ckpt, '--dtype', 'float32'])
+  proc = run_cli('model.convert', 'import', '--hf-dir', root / 'hf', '--out', ckpt, '--dtype', 'float32')
+  assert proc.returncode == 0, proc.stderr[-3000:]
   cfg, params = _load(ckpt)
   return arch, model, root / 'hf', ckpt, cfg, params
 
@@ -115,7 +116,8 @@ def test_export_reloads_in_transformers(imported, tmp_path):
   args = ['export', '--ckpt', ckpt, '--out', str(out), '--dtype', 'float32']
   if arch == 'mistral':
     args += ['--arch', 'mistral', '--shard-size-gb', str(100e3 / 2**30)]
-  convert.main(args)
+  proc = run_cli('model.convert', *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   assert type(reloaded) is type(model)
   theirs, mine = model.state_dict(), reloaded.state_dict()
@@ -136,7 +138,7 @@ def test_export_import_round_trip_is_exact_in_bfloat16(imported, tmp_path):
   arch, _, _, ckpt, cfg, params = imported
   convert.export_hf(ckpt, str(tmp_path / 'hf'), dtype='bfloat16', log=None)
   convert.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'ckpt'), log=None, scan_layers=False)
-  cfg2 = checkpoint.load_model_config(str(tmp_path / 'ckpt'))
+  cfg2 = params_lib.load_model_config(str(tmp_path / 'ckpt'))
   assert cfg2.param_dtype == 'bfloat16' and not cfg2.scan_layers
   assert cfg2.tie_embeddings == cfg.tie_embeddings and cfg2.qkv_bias == cfg.qkv_bias
   _, back = _load(str(tmp_path / 'ckpt'), param_dtype='float32')
@@ -154,23 +156,23 @@ def test_config_mapping_and_presets():
                  max_position_embeddings=131072, tie_word_embeddings=False, torch_dtype='bfloat16',
                  rope_scaling=dict(rope_type='llama3', factor=8.0, low_freq_factor=1.0,
                                    high_freq_factor=4.0, original_max_position_embeddings=8192))
-  cfg, arch, notes = convert.config_from_hf(llama31)
+  cfg, arch, notes = hf_lib.config_from_hf(llama31)
   assert (arch, notes, cfg.param_dtype) == ('llama', [], 'bfloat16')
-  assert convert.matching_preset(cfg) == ('llama3_1_8b', '')
+  assert hf_lib.matching_preset(cfg) == ('llama3_1_8b', '')
   # The same through the transformers>=5 spelling.
   v5 = {k: v for k, v in llama31.items() if k not in ('rope_theta', 'rope_scaling')}
   v5['rope_parameters'] = {**llama31['rope_scaling'], 'rope_theta': 500000.0}
-  assert convert.config_from_hf(v5)[0] == cfg
+  assert hf_lib.config_from_hf(v5)[0] == cfg
   # Round trip through our config.json.
-  assert convert.config_from_hf(convert.config_to_hf(cfg, 'llama', 'bfloat16'))[0] == cfg
+  assert hf_lib.config_from_hf(hf_lib.config_to_hf(cfg, 'llama', 'bfloat16'))[0] == cfg
   # Mistral-7B-v0.1: a 4096 sliding window caps the sequence length where full attention is exact.
   mistral = dict(llama31, architectures=['MistralForCausalLM'], vocab_size=32000, rope_theta=10000.0,
                  rope_scaling=None, max_position_embeddings=32768, sliding_window=4096)
-  cfg, arch, notes = convert.config_from_hf(mistral)
+  cfg, arch, notes = hf_lib.config_from_hf(mistral)
   assert arch == 'mistral' and cfg.max_seq_len == 4096 and 'sliding_window=4096' in notes[0]
-  name, diff = convert.matching_preset(cfg)
+  name, diff = hf_lib.matching_preset(cfg)
   assert name is None and 'rope_theta (10000.0 vs 1000000.0)' in diff
-  assert convert.matching_preset(convert.config_from_hf(
+  assert hf_lib.matching_preset(hf_lib.config_from_hf(
       dict(mistral, rope_theta=1e6, sliding_window=None))[0])[0] == 'mistral_7b'
 
 
@@ -184,7 +186,7 @@ def test_config_mapping_and_presets():
 def test_unsupported_configs_name_the_key(change, message):
   hf = {**COMMON, 'architectures': ['LlamaForCausalLM'], **change}
   with pytest.raises(ValueError, match=message):
-    convert.config_from_hf(hf)
+    hf_lib.config_from_hf(hf)
 
 
 def test_import_rejects_mismatched_weights_and_tokenizers(tmp_path):
@@ -221,10 +223,11 @@ def test_export_of_our_own_model_with_tokenizer_and_chat_template(tmp_path):
                     rope_scaling_factor=4.0, rope_original_max_len=64, scan_layers=False)
   params = nn.meta.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))
                          ['params'])
-  convert.save_params(str(tmp_path / 'ckpt' / 'checkpoints'), cfg, jax.tree.map(np.asarray, params))
+  params_lib.save_params(str(tmp_path / 'ckpt' / 'checkpoints'), cfg, jax.tree.map(np.asarray, params))
   tok_dir = make_hf_tokenizer(tmp_path / 'tok', vocab_size=400)
-  convert.main(['export', '--ckpt', str(tmp_path / 'ckpt'), '--out', str(tmp_path / 'hf'), '--dtype',
-                'float32', '--tokenizer', tok_dir, '--chat-template', 'llama3'])
+  proc = run_cli('model.convert', 'export', '--ckpt', tmp_path / 'ckpt', '--out', tmp_path / 'hf',
+                 '--dtype', 'float32', '--tokenizer', tok_dir, '--chat-template', 'llama3')
+  assert proc.returncode == 0, proc.stderr[-3000:]
   model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hf').eval()
   tokens = np.random.default_rng(1).integers(0, 400, (2, 48))
   ours = np.asarray(jax.jit(Transformer(cfg).apply)({'params': params}, tokens))

@@ -2,15 +2,15 @@
 
 Commands are collected from README.md and docs/*.md (fenced shell blocks and inline code spans) and
 from notebooks/*.ipynb (markdown cells, and the string given to `sh(...)` in code cells). Each is then
-parsed by the entry point's own command-line parser, in a subprocess per module:
+parsed by the entry point's own flags, in a subprocess per module.
 
-- absl entry points (train.pretrain, train.sft, train.compile, data.tokenizer, ...): the module runs
-  as `__main__` with `app.run` stopped, so its flags are defined exactly as on the command line, and
-  absl parses the command: unknown flags, values of the wrong type, missing required flags, a config
-  file that does not load (with its `:options`), and `--config.a.b=value` overrides of keys that
-  `get_config()` does not have are all errors.
-- argparse entry points (model.generate, model.convert, model.exact_match, train.plot): the parser
-  that `main()` builds is captured when it parses, and then parses the command.
+
+Every entry point uses absl flags: the module runs as `__main__` with `app.run` stopped, so its flags
+are defined exactly as on the command line, and absl parses the command: unknown flags, values of the
+wrong type, missing required flags, a config file that does not load (with its `:options`), and
+`--config.a.b=value` overrides of keys that `get_config()` does not have are all errors. A command
+with subcommands (model.convert) has its subcommand and the flags it needs checked by the same
+function its main calls (model/runtime.py `parse_command`).
 
 Placeholders are fine where a value is meant to be filled in: `$VAR`, `{var}`, `<thing>`, `...` and
 ALL-CAPS words (DIR, CKPT, N, HOST:PORT). For a flag whose value must be a number or one of some
@@ -243,8 +243,8 @@ def _split(arg: str):
   return name, (value if eq else None)
 
 
-def _check_absl(module: str, commands: list[list[str]], flag_values) -> list[str]:
-  from absl import flags  # pylint: disable=import-outside-toplevel
+def _check_absl(module: str, commands: list[list[str]], flag_values, subcommands=None) -> list[str]:
+  from model import runtime  # pylint: disable=import-outside-toplevel
   base = set(flag_values)
   results = []
   for args, complete in commands:
@@ -276,7 +276,9 @@ def _check_absl(module: str, commands: list[list[str]], flag_values) -> list[str
       rest = flag_values(argv)
       if 'config' in flag_values and flag_values['config'].present:
         flag_values['config'].value.keys()  # config files load lazily: load this one now
-      if len(rest) > 1:
+      if subcommands is not None:
+        runtime.parse_command(rest, subcommands)
+      elif len(rest) > 1 and module != 'train.plot':  # train.plot: --workdir A B lists two workdirs
         error = f'unexpected positional arguments {rest[1:]}'
       for name in deferred:
         node = flag_values['config'].value
@@ -284,7 +286,7 @@ def _check_absl(module: str, commands: list[list[str]], flag_values) -> list[str
           node = node[key]  # KeyError names the missing key
     except Exception as e:  # pylint: disable=broad-except  (whatever the entry point would hit)
       error = f'{type(e).__name__}: {e}'.split('\n')[0][:500]
-      if not complete and 'must have a value other than None' in error:
+      if not complete and ('must have a value other than None' in error or ' needs --' in error):
         error = ''  # a mention in prose need not name the required flags
     results.append(error)
   return results
@@ -294,105 +296,32 @@ class _Captured(Exception):
   pass
 
 
-def _find_action(parser, option: str, args: list[str]):
-  import argparse  # pylint: disable=import-outside-toplevel
-  if option in parser._option_string_actions:  # pylint: disable=protected-access
-    return parser._option_string_actions[option]  # pylint: disable=protected-access
-  for action in parser._actions:  # pylint: disable=protected-access
-    if isinstance(action, argparse._SubParsersAction):  # pylint: disable=protected-access
-      for sub_name, sub in action.choices.items():
-        if sub_name in args:
-          return _find_action(sub, option, args)
-  return None
-
-
-def _all_actions(parser):
-  import argparse  # pylint: disable=import-outside-toplevel
-  for action in parser._actions:  # pylint: disable=protected-access
-    yield action
-    if isinstance(action, argparse._SubParsersAction):  # pylint: disable=protected-access
-      for sub in action.choices.values():
-        yield from _all_actions(sub)
-
-
-def _check_argparse(commands: list[list[str]], parser) -> list[str]:
-  import contextlib  # pylint: disable=import-outside-toplevel
-  import io  # pylint: disable=import-outside-toplevel
-  results = []
-  required = [a for a in _all_actions(parser) if a.required]
-  for args, complete in commands:
-    for action in required:  # a mention in prose need not name the required flags
-      action.required = complete
-    argv = list(args)
-    for i, arg in enumerate(argv):
-      name, value = _split(arg)
-      if name and value is None and i + 1 < len(argv) and not argv[i + 1].startswith('-'):
-        value, at = argv[i + 1], i + 1
-      elif name and value is not None:
-        at = i
-      else:
-        continue
-      if not _is_placeholder(value):
-        continue
-      action = _find_action(parser, '--' + name, argv)
-      if action is None:
-        continue  # argparse reports it
-      if action.choices:
-        replacement = str(next(iter(action.choices)))
-      elif action.type in (int, float):
-        replacement = str(action.default if action.default is not None else 1)
-      else:
-        continue
-      argv[at] = replacement if at != i else f'--{name}={replacement}'
-    stderr = io.StringIO()
-    try:
-      with contextlib.redirect_stderr(stderr):
-        parser.parse_args(argv)
-      results.append('')
-    except SystemExit:
-      results.append(stderr.getvalue().strip().splitlines()[-1] if stderr.getvalue().strip()
-                     else 'rejected')
-  return results
-
-
 def _checker_main(module: str):
   """In a subprocess: parse each command (a JSON list of argument lists on stdin) with `module`'s own
-  parser; print a JSON list of error messages ('' where accepted)."""
-  import argparse  # pylint: disable=import-outside-toplevel
+  flags; print a JSON list of error messages ('' where accepted)."""
+  import importlib  # pylint: disable=import-outside-toplevel
   import runpy  # pylint: disable=import-outside-toplevel
   commands = json.loads(sys.stdin.read())
   sys.path.insert(0, ROOT)
   from absl import app, flags  # pylint: disable=import-outside-toplevel
-  captured = {}
 
   def stop_app_run(*_, **__):
     raise _Captured('absl')
 
-  original_parse_args = argparse.ArgumentParser.parse_args
-
-  def stop_parse_args(self, *_, **__):
-    captured.setdefault('parser', self)
-    raise _Captured('argparse')
-
   app.run = stop_app_run
-  argparse.ArgumentParser.parse_args = stop_parse_args
-  kind = None
   try:
     runpy.run_module(module, run_name='__main__', alter_sys=True)
-  except _Captured as e:
-    kind = str(e)
+  except _Captured:
+    pass
   except (ImportError, SystemExit, Exception) as e:  # pylint: disable=broad-except
     print(json.dumps([f'python -m {module} fails: {type(e).__name__}: {e}'] * len(commands)))
     return
-  argparse.ArgumentParser.parse_args = original_parse_args
-  if kind == 'absl':
-    results = _check_absl(module, commands, flags.FLAGS)
-  elif kind == 'argparse':
-    results = _check_argparse(commands, captured['parser'])
   else:
-    results = [f'python -m {module} parses no command line (neither absl app.run nor argparse)'] * len(
-        commands)
-  print(json.dumps(results))
+    print(json.dumps([f'python -m {module} parses no command line (absl app.run)'] * len(commands)))
+    return
+  # A command with subcommands names each and the flags it needs (model/runtime.parse_command).
+  subcommands = getattr(importlib.import_module(module), 'COMMANDS', None)
+  print(json.dumps(_check_absl(module, commands, flags.FLAGS, subcommands)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -411,8 +340,9 @@ BAD = [  # (module, args, what the error must mention): the checker must refuse 
     ('data.tokenizer', ['--input=x.txt', '--out=t.model', '--vocab-size=100'], 'vocab-size'),
     ('model.generate', ['--ckpt', 'CKPT', '--tokenizer', 'T', '--prompt', 'hi', '--max-tokens', '8'],
      'max-tokens'),
-    ('model.convert', ['import', '--ckpt', 'CKPT', '--out', 'OUT'], 'hf-dir'),
-    ('model.exact_match', ['--ckpt', 'CKPT', '--tokenizer', 'T', '--data', 'D'], 'chat-template'),
+    ('model.convert', ['import', '--ckpt', 'CKPT', '--out', 'OUT'], 'hf_dir'),
+    ('model.convert', ['merge', '--ckpt', 'CKPT', '--out', 'OUT'], 'merge'),
+    ('model.exact_match', ['--ckpt', 'CKPT', '--tokenizer', 'T', '--data', 'D'], 'chat_template'),
     ('train.plot', ['--workdir', 'DIR', '--output', 'x.png'], 'output'),
     ('train.no_such_module', ['--workdir=DIR'], 'no_such_module'),
 ]

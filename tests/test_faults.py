@@ -18,6 +18,7 @@ import pytest
 import flax.linen as nn
 
 from model import Transformer
+from model import params as params_lib
 from train import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,12 +81,8 @@ def _losses(workdir):
 
 
 def _params(workdir):
-  cfg = checkpoint.load_model_config(workdir)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = nn.meta.unbox(jax.eval_shape(lambda: Transformer(cfg).init(
-      jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))['params'])
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-  return jax.device_get(checkpoint.load_params(workdir, abstract))
+  cfg = params_lib.load_model_config(workdir)
+  return jax.device_get(params_lib.load_params(workdir, params_lib.abstract_params_on(cfg)))
 
 
 def _stopped_at(workdir):
@@ -145,7 +142,7 @@ def test_sigkill_during_async_save_resumes_from_last_complete_checkpoint(
   proc.wait()
   ckpts = os.listdir(os.path.join(workdir, 'checkpoints'))
   assert '12' not in ckpts and any(name.startswith('12.orbax-checkpoint-tmp') for name in ckpts)
-  assert checkpoint.resolve_step_dir(workdir).name == '8'  # the partial step is never picked
+  assert params_lib.resolve_step_dir(workdir).name == '8'  # the partial step is never picked
   out = _finish(_launch('train.pretrain', workdir, flags))
   assert 'incomplete checkpoint' in out and 'Resumed from' in out and 'at step 8' in out
   _assert_same_run(pretrain_reference, workdir)

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from model import ModelConfig, Transformer
-from model import generate as generate_lib
 from model.generate import Generator, SamplingConfig, left_pad, sample_logits
-from train import checkpoint, sharding
+from model import sharding
+from tests.cli import run_cli
+from train import checkpoint
 from tests.tokenizers_for_tests import make_hf_tokenizer, make_sp_tokenizer
 
 CFG = ModelConfig(vocab_size=512, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
@@ -118,23 +119,24 @@ def ckpt(params, tmp_path_factory):
   return str(path)
 
 
-def test_cli_with_hf_tokenizer_and_chat_template(ckpt, tmp_path, capsys):
+def test_cli_with_hf_tokenizer_and_chat_template(ckpt, tmp_path):
   tok = make_hf_tokenizer(tmp_path / 'tok', vocab_size=400)
-  generate_lib.main(['--ckpt', ckpt, '--tokenizer', tok, '--chat-template', 'llama3',
-                     '--prompt', 'What does a for statement do?', '--prompt', 'Hi',
-                     '--max-new-tokens', '8', '--temperature', '0.7', '--top-k', '50', '--seed', '3',
-                     '--mesh', '1,-1,1'])
-  out = capsys.readouterr().out
-  assert '>>> What does a for statement do?' in out and '>>> Hi' in out
-  assert 'tokens/s (batch 2' in out and "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in out
+  proc = run_cli('model.generate', '--ckpt', ckpt, '--tokenizer', tok, '--chat-template', 'llama3',
+                 '--prompt', 'What does a for statement do?', '--prompt', 'Hi',
+                 '--max-new-tokens', '8', '--temperature', '0.7', '--top-k', '50', '--seed', '3',
+                 '--mesh', '1,-1,1')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '>>> What does a for statement do?' in proc.stdout and '>>> Hi' in proc.stdout
+  assert 'tokens/s (batch 2' in proc.stdout and "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in proc.stdout
 
 
-def test_cli_with_sentencepiece_and_vocab_check(ckpt, tmp_path, capsys):
+def test_cli_with_sentencepiece_and_vocab_check(ckpt, tmp_path):
   sp = make_sp_tokenizer(tmp_path / 'tokenizer.model', vocab_size=400)
-  generate_lib.main(['--ckpt', ckpt, '--tokenizer', sp, '--prompt', 'The for statement',
-                     '--max-new-tokens', '6', '--param-dtype', 'bfloat16'])
-  assert 'tokens/s (batch 1' in capsys.readouterr().out
+  proc = run_cli('model.generate', '--ckpt', ckpt, '--tokenizer', sp, '--prompt', 'The for statement',
+                 '--max-new-tokens', '6', '--param-dtype', 'bfloat16')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'tokens/s (batch 1' in proc.stdout
   big = make_hf_tokenizer(tmp_path / 'big', vocab_size=600)
-  with pytest.raises(SystemExit):
-    generate_lib.main(['--ckpt', ckpt, '--tokenizer', big, '--prompt', 'x'])
-  assert 'has 600 tokens but the model' in capsys.readouterr().err
+  proc = run_cli('model.generate', '--ckpt', ckpt, '--tokenizer', big, '--prompt', 'x')
+  assert proc.returncode != 0
+  assert 'has 600 tokens but the model' in proc.stderr

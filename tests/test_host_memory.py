@@ -1,4 +1,4 @@
-"""train/host_memory.py: XLA:CPU's per-execution buffers stop being page-faulted in at every call."""
+"""model/host_memory.py: XLA:CPU's per-execution buffers stop being page-faulted in at every call."""
 
 import fnmatch
 import json
@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from train import host_memory
+from model import host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # intermediate (a [8192, 8192] float32 product) is XLA's temporary buffer, and counts page faults.
 _PROBE = textwrap.dedent("""
     import json, resource, sys
-    from train import host_memory
+    from model import host_memory
     changed = host_memory.keep_freed_memory() if sys.argv[1] == 'keep' else False
     import jax, jax.numpy as jnp
     a = jnp.ones((8192, 32), jnp.float32) / 32

@@ -15,17 +15,17 @@ BASE = dict(vocab_size=300, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, h
 
 
 def _params(cfg):
-  model = Transformer(ModelConfig(**cfg, loss_chunk_len=0))
+  model = Transformer(ModelConfig(**cfg))
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
   return jax.tree.map(lambda x: x.value if hasattr(x, 'value') else x, params,
                       is_leaf=lambda x: hasattr(x, 'value'))
 
 
 def _sums_and_grads(cfg, chunk, params, batch):
-  model = Transformer(ModelConfig(**cfg, loss_chunk_len=chunk))
+  model = Transformer(ModelConfig(**cfg))
 
   def objective(p):
-    sums = step_lib.loss_sums(model, p, batch)
+    sums = step_lib.loss_sums(model, p, batch, loss_chunk_len=chunk)
     return sums['ce'] + 1e-2 * sums['z'], sums
 
   return jax.jit(jax.grad(objective, has_aux=True))(params)
@@ -63,8 +63,8 @@ def test_chunked_loss_does_not_hold_the_whole_logits():
   params = jax.eval_shape(lambda: _params(cfg))
 
   def temp_bytes(chunk):
-    model = Transformer(ModelConfig(**{**cfg, 'max_seq_len': t}, loss_chunk_len=chunk))
-    grad = jax.grad(lambda p: step_lib.loss_sums(model, p, batch)['ce'])
+    model = Transformer(ModelConfig(**{**cfg, 'max_seq_len': t}))
+    grad = jax.grad(lambda p: step_lib.loss_sums(model, p, batch, loss_chunk_len=chunk)['ce'])
     return jax.jit(grad).lower(params).compile().memory_analysis().temp_size_in_bytes
 
   plain, chunked = temp_bytes(0), temp_bytes(64)

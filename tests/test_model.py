@@ -5,9 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import ModelConfig, Transformer, preset
+from model import ModelConfig, Transformer, count_params, preset
 from model.transformer import _embed, _token_einsum, _unembed, rope_inverse_frequencies
-from train.state import count_params
 
 SMALL = dict(vocab_size=256, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
              mlp_dim=128, dtype='float32', max_seq_len=128)

@@ -12,6 +12,7 @@ import pytest
 from configs import default
 from data.synthetic import SyntheticData, SyntheticIterator
 from train import checkpoint, loop
+from train import run as run_lib
 
 
 class PoisonedIterator(SyntheticIterator):
@@ -51,7 +52,7 @@ def _config(steps, max_skips=10):
 
 
 def _state(workdir, step, config):
-  run = loop.Run(config)
+  run = run_lib.Run(config)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=10)
   return jax.device_get(ckpt.restore(step, run.abstract_state())[0])
 

@@ -18,6 +18,7 @@ from pydoc_data import topics
 from data import demo_corpus
 from data import tokenizer as tokenizer_lib
 from model import Transformer, convert, exact_match
+from model import params as params_lib
 from model.config import preset
 
 
@@ -104,7 +105,7 @@ def test_no_bar_when_stderr_is_not_a_terminal(capsys):
 def test_convert_shows_tensors_exported_and_imported(tmp_path, capsys):
   cfg = preset('tiny', n_layers=2, vocab_size=256, dtype='float32')
   params = nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
-  convert.save_params(str(tmp_path / 'ckpt' / 'checkpoints'), cfg, jax.tree.map(np.asarray, params))
+  params_lib.save_params(str(tmp_path / 'ckpt' / 'checkpoints'), cfg, jax.tree.map(np.asarray, params))
   n_tensors = 3 + 9 * cfg.n_layers  # embed, final norm, lm head; 9 per layer
   with terminal() as stream:
     convert.export_hf(str(tmp_path / 'ckpt'), str(tmp_path / 'hf'), dtype='float32', log=print)

@@ -10,10 +10,12 @@ import pytest
 
 from configs import sft_tiny
 from data import demo_corpus
-from data.sft import SFTData, SFTDataError
+from data.records import BadRecord
+from data.sft import SFTData
 from model import ModelConfig, Transformer
+from model import params as params_lib
 from train import checkpoint, loop, step as step_lib, validate
-from train.sft import params_from_checkpoint
+from train import run as run_lib
 
 SEQ = 128
 SMALL_MODEL = dict(vocab_size=512, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
@@ -59,12 +61,12 @@ GOOD = json.dumps({'messages': [{'role': 'user', 'content': 'Hi'}, {'role': 'ass
 def test_bad_records_name_file_and_line(demo_data, sft_files, tmp_path, bad, error):
   path = _write(tmp_path / 'bad.jsonl', [GOOD, bad, GOOD])
   cfg = _config(demo_data, sft_files, train_files=path)
-  with pytest.raises(SFTDataError, match=error):
+  with pytest.raises(BadRecord, match=error):
     SFTData(cfg.data, SEQ)
   cfg.data.skip_bad_records = True
   data = SFTData(cfg.data, SEQ)
   assert len(data.train_examples) == 2
-  assert data.counts['train_skipped_bad_records'] == 1
+  assert data.stats()['train_skipped_bad_records'] == 1
 
 
 def test_overlong_examples_are_truncated_or_dropped_and_counted(demo_data, sft_files, tmp_path):
@@ -74,10 +76,10 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(demo_data, sft_f
                                              {'role': 'assistant', 'content': 'ok'}]})
   path = _write(tmp_path / 'long.jsonl', [GOOD, long, too_long_prompt])
   data = SFTData(_config(demo_data, sft_files, train_files=path, eval_files='').data, 64)
-  assert data.counts == {'train_truncated': 1, 'train_dropped_overlong_no_answer': 1}
+  assert data.stats() == {'train_truncated': 1, 'train_dropped_overlong_no_answer': 1}
   assert [len(e[0]) for e in data.train_examples][1] == 64
   data = SFTData(_config(demo_data, sft_files, train_files=path, eval_files='', overlong='drop').data, 64)
-  assert data.counts == {'train_dropped_overlong': 2} and len(data.train_examples) == 1
+  assert data.stats() == {'train_dropped_overlong': 2} and len(data.train_examples) == 1
 
 
 def test_alpaca_and_prompt_completion_formats(demo_data, sft_files, tmp_path):
@@ -163,7 +165,7 @@ def test_sft_from_checkpoint_resumes_exactly(demo_data, sft_files, pretrained, t
     c = _config(demo_data, sft_files)
     c.train.steps = steps
     c.init_from = pretrained
-    return loop.train(c, workdir, SFTData(c.data, SEQ), init_params=params_from_checkpoint(c.init_from))
+    return loop.train(c, workdir, SFTData(c.data, SEQ), init_params=checkpoint.params_from(c.init_from))
 
   straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
   sft(straight, 6)
@@ -179,9 +181,9 @@ def test_sft_from_checkpoint_resumes_exactly(demo_data, sft_files, pretrained, t
   with open(os.path.join(interrupted, 'eval_results.json')) as f:
     assert [e['step'] for e in json.load(f)] == [3, 4, 6]
   # Starting parameters are the pretraining run's, not a random init.
-  run = loop.Run(_config(demo_data, sft_files))
-  start = checkpoint.load_params(pretrained, run.abstract_state().params)
-  fresh = params_from_checkpoint(pretrained)(run)
+  run = run_lib.Run(_config(demo_data, sft_files))
+  start = params_lib.load_params(pretrained, run.abstract_state().params)
+  fresh = checkpoint.params_from(pretrained)(run)
   for x, y in zip(jax.tree.leaves(start), jax.tree.leaves(fresh)):
     np.testing.assert_array_equal(x, y)
 
@@ -190,4 +192,4 @@ def test_init_from_a_different_model_is_an_error(demo_data, sft_files, pretraine
   other = _config(demo_data, sft_files)
   other.model.mlp_dim = 256
   with pytest.raises(validate.ConfigError, match=r'model.mlp_dim: checkpoint 128, config 256'):
-    params_from_checkpoint(pretrained)(loop.Run(other))
+    checkpoint.params_from(pretrained)(run_lib.Run(other))

@@ -9,7 +9,8 @@ import pytest
 from configs import default
 from data.synthetic import synthetic_global_batch
 from model import ModelConfig, Transformer
-from train import optimizer, sharding, state as state_lib, step as step_lib, validate
+from model import sharding
+from train import optimizer, state as state_lib, step as step_lib, validate
 
 MODEL = ModelConfig(vocab_size=256, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                     mlp_dim=128, dtype='float32', max_seq_len=128)
@@ -29,14 +30,14 @@ def _batch(step=0):
 def _loss_and_grads(mesh):
   model = Transformer(MODEL)
   tx, _ = optimizer.make_optimizer(OPT, 10)
-  state = state_lib.init_state(model, tx, mesh, seed=0)
+  state = state_lib.init_state(MODEL, tx, mesh, seed=0)
 
   def loss_fn(params, batch):
     sums = step_lib.loss_sums(model, params, batch)
     return sums['ce'] / sums['weight']
 
   fn = jax.jit(sharding.with_logical_rules(jax.value_and_grad(loss_fn), mesh),
-               in_shardings=(state_lib.state_shardings(model, tx, mesh).params,
+               in_shardings=(state_lib.state_shardings(MODEL, tx, mesh).params,
                              sharding.batch_sharding(mesh)))
   loss, grads = fn(state.params, _batch())
   return float(loss), jax.device_get(grads)
@@ -62,8 +63,8 @@ def _train(mesh, accum, steps, tx=None):
   model = Transformer(MODEL)
   adamw, schedule = optimizer.make_optimizer(OPT, 100)
   tx = tx or adamw
-  shardings = state_lib.state_shardings(model, tx, mesh)
-  state = state_lib.init_state(model, tx, mesh, seed=0)
+  shardings = state_lib.state_shardings(MODEL, tx, mesh)
+  state = state_lib.init_state(MODEL, tx, mesh, seed=0)
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(model, tx, schedule, grad_accum_steps=accum), shardings, mesh)
   history = []

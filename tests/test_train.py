@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from model import params as params_lib
 from train import checkpoint, loop
+from train import run as run_lib
 from data.pretrain import PretrainData
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +39,7 @@ def _losses(workdir):
 
 
 def _final_params(config, workdir, step):
-  run = loop.Run(config)
+  run = run_lib.Run(config)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=3)
   state, _ = ckpt.restore(step, run.abstract_state())
   return jax.device_get(state.params)

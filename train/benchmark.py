@@ -18,12 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
 from data.synthetic import synthetic_global_batch
 from model import attention as attention_lib
-from train import host_memory, loop
+from model import runtime
+from train import batches as batches_lib
+from train import chips
 from train import metrics as metrics_lib
+from train import run as run_lib
 from train import state as state_lib
 
 FLAGS = flags.FLAGS  # defined by _define_flags() when run as a program
@@ -64,12 +66,15 @@ def memory_summary(compiled) -> dict[str, float]:
 
 
 def benchmark(config, steps: int = 10, warmup: int = 2) -> dict[str, float]:
-  run = loop.Run(config)
+  run = run_lib.Run(config)
   tcfg, cfg = config.train, run.model_config
-  state = state_lib.init_state(run.model, run.tx, run.mesh, tcfg.seed)
-  # Two distinct device-resident batches, alternated, so that no host work is timed.
-  batches = [run.global_batch(synthetic_global_batch(tcfg.seed, i, tcfg.batch_size, tcfg.seq_len,
-                                                     cfg.vocab_size)) for i in range(2)]
+  state = state_lib.init_state(cfg, run.tx, run.mesh, tcfg.seed)
+  # Two distinct device-resident batches, alternated, so that no host work is timed. Each process
+  # feeds its own rows of them.
+  shard, _, local = batches_lib.data_shard(run.batch_sharding, tcfg.batch_size)
+  rows = slice(shard * local, (shard + 1) * local)
+  batches = [run.global_batch({k: v[rows] for k, v in synthetic_global_batch(
+      tcfg.seed, i, tcfg.batch_size, tcfg.seq_len, cfg.vocab_size).items()}) for i in range(2)]
   jax.block_until_ready(batches)
 
   start = time.perf_counter()
@@ -110,7 +115,7 @@ def benchmark(config, steps: int = 10, warmup: int = 2) -> dict[str, float]:
       'tokens_per_s_per_device': tokens / step_s / n_dev,
       'tflops_per_device': flops / step_s / n_dev / 1e12, 'loss': loss,
   })
-  peak = metrics_lib.peak_tflops()
+  peak = chips.peak_tflops()
   if peak:
     result['peak_tflops'] = peak
   elif jax.default_backend() == 'cpu':
@@ -144,10 +149,9 @@ def format_result(r: dict[str, float], name: str = '') -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  host_memory.keep_freed_memory()  # before JAX starts its CPU backend
+  runtime.no_positional_arguments(argv)
   config = FLAGS.config
+  runtime.setup(config.distributed)
   result = benchmark(config, FLAGS.steps, FLAGS.warmup)
   print(format_result(result, config.model.get('preset', 'model')))
   if FLAGS.json:
@@ -155,16 +159,14 @@ def main(argv):
       json.dump(result, f, indent=2)
 
 
-def _define_flags():
-  """Only when run as a program: importing this module (tests do) must not define flags that another
-  entry point also defines."""
-  config_flags.DEFINE_config_file('config', None, 'Path to a config file.', lock_config=True)
-  flags.DEFINE_integer('steps', 10, 'Timed steps (after the warmup steps); 0: compile only.')
-  flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+def define_flags():
+  run_lib.define_flags(workdir=False)
+  flags.DEFINE_integer('steps', 10, 'Timed steps (after the warmup steps); 0: compile only.',
+                       lower_bound=0)
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.', lower_bound=0)
   flags.DEFINE_string('json', '', 'Also write the results to this JSON file.')
 
 
 if __name__ == '__main__':
-  _define_flags()
-  flags.mark_flags_as_required(['config'])
+  define_flags()
   app.run(main)

@@ -1,323 +1,65 @@
-"""Compiles the real train steps for a TPU slice from any machine, and says whether they fit in HBM.
+"""`python -m train.compile`: compiles the real train steps for a TPU slice from any machine, and says
+whether they fit in HBM.
 
   python -m train.compile --config=configs/llama2_7b.py:v5p-8 --topology=v5p-8 [--config.key=value ...]
 
-libtpu (requirements-tpu.txt) compiles for a TPU topology without a TPU: the mesh is built from the
-topology's compile-only devices, the state and batch are ShapeDtypeStructs carrying their shardings,
-and `loop.Run(...).train_step()` is lowered and compiled exactly as `train.pretrain` would run it. When
-the config file has an SFT variant (`get_config('...,sft')`, e.g. configs/llama2_7b.py), its step is
-compiled too, with the same command-line overrides. Per chip, the compiler's memory figures
-(arguments, outputs, temporaries) are printed against the chip's HBM; a step that does not fit exits
-with status 1 and a message naming the settings to change.
+When the config file has an SFT variant (`get_config('...,sft')`, e.g. configs/llama2_7b.py), its step
+is compiled too, with the same command-line overrides. Per chip, the compiler's memory figures
+(arguments, outputs, temporaries) are printed against the chip's HBM (train/topology.py); a step that
+does not fit exits with status 1 and a message naming the settings to change.
 """
 
-import dataclasses
-import importlib.util
-import inspect
-import math
 import os
-import re
 import sys
-import time
-from typing import Any
 
-# Before JAX starts: no TPU is needed (or taken, on a TPU VM that is busy training), and libtpu must
-# not query the GCE metadata server of a machine that is not a TPU VM.
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
-# Compiling takes no TPU, so several processes (tests, other compiles) may use libtpu at once.
-os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+import jax
+from absl import app, flags
+from ml_collections import config_flags
 
-import jax  # pylint: disable=wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import ml_collections  # pylint: disable=wrong-import-position
+from model import runtime
+from train import run, topology
 
-from model import ModelConfig, Transformer  # pylint: disable=wrong-import-position
-from model import attention as attention_lib  # pylint: disable=wrong-import-position
-from train import loop, metrics  # pylint: disable=wrong-import-position
-from train import optimizer as optimizer_lib  # pylint: disable=wrong-import-position
-from train import sharding as sharding_lib  # pylint: disable=wrong-import-position
-from train import state as state_lib  # pylint: disable=wrong-import-position
-from train import validate  # pylint: disable=wrong-import-position
-
-GIB = 2 ** 30
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  generation: str
-  hbm_gib: float       # per chip
-  cores_per_chip: int  # TensorCores that `vX-N` counts (N = chips * cores_per_chip)
-  chip_config: str     # libtpu's name for how the cores of a chip form devices
-
-
-CHIPS = {
-    'v4': Chip('v4', 32, 2, 'megacore'),
-    'v5p': Chip('v5p', 95, 2, 'megacore'),
-    'v5e': Chip('v5e', 16, 1, 'default'),
-    'v6e': Chip('v6e', 32, 1, 'default'),
-}
-_ALIASES = {'v5litepod': 'v5e', 'v5': 'v5p', 'v6': 'v6e'}
-# Chip grids of the standard slice sizes: 3D tori (v4, v5p) and 2D (v5e, v6e), by chip count.
-_GRID_3D = {1: '1x1x1', 2: '1x2x1', 4: '2x2x1', 8: '2x2x2', 16: '2x2x4', 32: '2x4x4', 64: '4x4x4',
-            128: '4x4x8', 256: '4x8x8', 512: '8x8x8', 1024: '8x8x16', 2048: '8x16x16'}
-_GRID_2D = {1: '1x1', 4: '2x2', 8: '2x4', 16: '4x4', 32: '4x8', 64: '8x8', 128: '8x16', 256: '16x16'}
-
-
-@dataclasses.dataclass(frozen=True)
-class Topology:
-  name: str
-  chip: Chip
-  grid: str                 # chips per dimension, e.g. '2x2x1'
-  chips_per_host: tuple[int, int, int]
-
-  @property
-  def num_chips(self) -> int:
-    return math.prod(int(x) for x in self.grid.split('x'))
-
-  def devices(self):
-    from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-    desc = topologies.get_topology_desc(
-        platform='tpu', topology_name=f'{self.chip.generation}:{self.grid}',
-        chip_config_name=self.chip.chip_config, chips_per_host_bounds=self.chips_per_host,
-        num_slices=1, wrap=(False, False, False))
-    return desc.devices
-
-
-def parse_topology(name: str) -> Topology:
-  """'v5p-8' (Cloud TPU slice names: TensorCores for v4/v5p, chips for v5e/v6e) or 'v5p:2x2x1'."""
-  match = re.fullmatch(r'(v\d+[a-z]*)[-:]([\dx]+)', name.strip().lower())
-  if not match:
-    raise ValueError(f'Unknown topology {name!r}; expected e.g. v5p-8, v4-8, v5e-8, v6e-8 or v5p:2x2x1')
-  generation, size = _ALIASES.get(match.group(1), match.group(1)), match.group(2)
-  if generation not in CHIPS:
-    raise ValueError(f'Unknown TPU generation in {name!r}; known: {sorted(CHIPS)}')
-  chip = CHIPS[generation]
-  grids = _GRID_3D if chip.cores_per_chip == 2 else _GRID_2D
-  if 'x' in size:
-    grid = size
-  else:
-    chips = int(size) // chip.cores_per_chip
-    if chips not in grids or int(size) % chip.cores_per_chip:
-      raise ValueError(f'No standard {generation} slice of size {size}; known: '
-                       f'{[f"{generation}-{c * chip.cores_per_chip}" for c in grids]}')
-    grid = grids[chips]
-  dims = [int(x) for x in grid.split('x')] + [1] * (3 - len(grid.split('x')))
-  per_host = tuple(min(d, h) for d, h in zip(dims, (2, 2, 1) if math.prod(dims) > 8 or
-                                             chip.cores_per_chip == 2 else (2, 4, 1)))
-  return Topology(name, chip, grid, per_host)
-
-
-class TopologyRun(loop.Run):
-  """`loop.Run` on a topology's compile-only devices instead of this host's devices."""
-
-  def __init__(self, config: Any, devices):  # pylint: disable=super-init-not-called
-    self.config = config
-    self.model_config = ModelConfig.from_dict(config.model)
-    validate.check(config, self.model_config, len(devices))
-    self.mesh = sharding_lib.make_mesh(config.mesh, devices)
-    self.model = Transformer(self.model_config)
-    self.tx, self.schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
-    self.state_shardings = state_lib.state_shardings(self.model, self.tx, self.mesh)
-    self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
-
-
-def abstract_batch(run: loop.Run) -> dict[str, jax.ShapeDtypeStruct]:
-  shape = (run.config.train.batch_size, run.config.train.seq_len)
-  return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == 'loss_weights' else jnp.int32,
-                                  sharding=run.batch_sharding)
-          for k in ('inputs', 'targets', 'segment_ids', 'positions', 'loss_weights')}
-
-
-@dataclasses.dataclass
-class Report:
-  """What one compiled step needs per chip, in bytes."""
-  name: str
-  topology: Topology
-  mesh: dict[str, int]
-  batch_size: int
-  seq_len: int
-  remat_policy: str
-  attention: str
-  param_dtype: str
-  state_dtype: str
-  argument: int
-  output: int
-  alias: int
-  temp: int
-  code: int
-  state: int          # params + optimizer state, this chip's shards
-  compile_s: float
-  custom_calls: tuple[str, ...] = ()  # e.g. tpu_custom_call: a Pallas kernel (splash attention)
-  error: str = ''     # the compiler's own out-of-memory message, when it gave up
-
-  @property
-  def total(self) -> int:
-    return self.argument + self.output - self.alias + self.temp + self.code
-
-  @property
-  def hbm(self) -> int:
-    return int(self.topology.chip.hbm_gib * GIB)
-
-  @property
-  def fits(self) -> bool:
-    return not self.error and self.total <= self.hbm
-
-  def summary(self) -> str:
-    per_chip = self.batch_size * self.seq_len / self.topology.num_chips
-    head = (f'{self.name} on {self.topology.name} ({self.topology.num_chips} chips, '
-            f'{self.topology.chip.hbm_gib:g} GiB HBM each): mesh {self.mesh}, batch {self.batch_size} x '
-            f'{self.seq_len} ({per_chip:,.0f} tokens/chip), remat {self.remat_policy}, attention '
-            f'{self.attention}, params {self.param_dtype}, optimizer state {self.state_dtype}'
-            + (f', custom calls {", ".join(self.custom_calls)}' if self.custom_calls else '') + '; '
-            f'compiled in {self.compile_s:.0f} s')
-    if self.error:
-      return head + f'\n  does NOT fit: the compiler ran out of HBM:\n  {self.error}'
-    g = lambda b: f'{b / GIB:.2f} GiB' if b >= GIB / 10 else f'{b / 2 ** 20:.1f} MiB'
-    return (head + f'\n  per chip: arguments {g(self.argument)} (params + optimizer state '
-            f'{g(self.state)}), outputs {g(self.output)} (aliased with arguments {g(self.alias)}), '
-            f'temporaries {g(self.temp)}, code {g(self.code)}\n  total {g(self.total)} of '
-            f'{g(self.hbm)} HBM ({100 * self.total / self.hbm:.0f}%): '
-            + ('fits' if self.fits else 'does NOT fit'))
-
-
-def _shard_bytes(tree) -> int:
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
-def compile_step(config: Any, topology: Topology, name: str = 'train step') -> Report:
-  """Lowers and compiles `loop.Run(config).train_step()` for `topology`; returns its memory report."""
-  run = TopologyRun(config, topology.devices())
-  state, batch = run.abstract_state(), abstract_batch(run)
-  cfg = run.model_config
-  start = time.perf_counter()
-  error = ''
-  try:
-    lowered = run.train_step().lower(state, batch)
-    custom_calls = tuple(sorted(set(re.findall(r'custom_call @([\w.]+)', lowered.as_text()))))
-    compiled = lowered.compile()
-    mem = compiled.memory_analysis()
-    sizes = (mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
-             mem.temp_size_in_bytes, mem.generated_code_size_in_bytes)
-  except jax.errors.JaxRuntimeError as e:
-    if 'RESOURCE_EXHAUSTED' not in str(e) and 'out of memory' not in str(e).lower():
-      raise
-    error = str(e).strip().splitlines()[0][:2000]
-    sizes, custom_calls = (0, 0, 0, 0, 0), ()
-  with jax.sharding.use_abstract_mesh(run.mesh.abstract_mesh):
-    attention = attention_lib.resolve(cfg.attention, 'tpu', cfg.dtype)
-  return Report(name, topology, dict(run.mesh.shape), config.train.batch_size, config.train.seq_len,
-                cfg.remat_policy, attention, cfg.param_dtype,
-                config.optimizer.get('state_dtype', '') or cfg.param_dtype, *sizes,
-                state=_shard_bytes(state), compile_s=time.perf_counter() - start,
-                custom_calls=custom_calls, error=error)
-
-
-def advice(report: Report, config: Any) -> str:
-  """What to change when a step does not fit, most effective first."""
-  cfg, tcfg, hbm = config.model, config.train, report.hbm
-  tips = []
-  if report.state > 0.6 * hbm:
-    if report.mesh['data'] > 1 or report.mesh['tensor'] > 1:
-      tips.append('shard the parameters and optimizer state over every chip: --config.mesh.data=1 '
-                  '--config.mesh.fsdp=-1 --config.mesh.tensor=1')
-    if not config.optimizer.get('state_dtype') and cfg.param_dtype == 'float32':
-      tips.append('keep Adam\'s moments in bfloat16: --config.optimizer.state_dtype=bfloat16')
-    if cfg.param_dtype == 'float32':
-      tips.append('keep the parameters in bfloat16 too: --config.model.param_dtype=bfloat16 (no float32 '
-                  'master copy: small updates can round away; prefer a bigger slice for pretraining)')
-  if cfg.remat_policy != 'full':
-    tips.append(f'recompute more of each layer in the backward pass: --config.model.remat_policy=full '
-                f'(now {cfg.remat_policy!r})')
-  per_device = tcfg.batch_size // (report.mesh['data'] * report.mesh['fsdp'])
-  micro = per_device // max(tcfg.grad_accum_steps, 1)
-  if micro > 1:
-    tips.append(f'halve the activations per step with gradient accumulation: '
-                f'--config.train.grad_accum_steps={tcfg.grad_accum_steps * 2} (same global batch), or '
-                f'a smaller --config.train.batch_size')
-  if cfg.loss_chunk_len == 0 or cfg.loss_chunk_len > 1024:
-    tips.append('compute the loss in sequence chunks: --config.model.loss_chunk_len=512')
-  tips.append('or use a larger slice (more chips share the state)')
-  return '\n'.join(f'  - {t}' for t in tips)
-
-
-def slice_tip(path: str, topology: Topology) -> str:
-  """Points at the config file's own settings for this slice, when it has some and they are unused."""
-  file, _, options = path.partition(':')
-  slices = getattr(_config_module(file), 'SLICES', {})
-  opts = [o for o in options.split(',') if o]
-  if topology.name in slices and topology.name not in opts:
-    suggested = ','.join([o for o in opts if o not in slices] + [topology.name])
-    return f'  - the settings this config file has for {topology.name}: --config={file}:{suggested}\n'
-  return ''
-
-
-def _config_module(file: str):
-  spec = importlib.util.spec_from_file_location(f'_config_{abs(hash(file))}', file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def load_config(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file, `path[:options]`, as ml_collections' config flags load it."""
-  file, _, options = path.partition(':')
-  module = _config_module(file)
-  return module.get_config(options) if options else module.get_config()
-
-
-def sft_variant(path: str) -> str | None:
-  """`path` with its options plus 'sft', if its get_config takes options (and is not SFT already)."""
-  file, _, options = path.partition(':')
-  if not inspect.signature(_config_module(file).get_config).parameters or 'sft' in options.split(','):
-    return None
-  return f'{file}:{",".join(filter(None, [options, "sft"]))}'
-
-
-def step_name(config) -> str:
-  # data.sft.FORMATS, named here because data/ needs TensorFlow and compiling must not.
-  return 'SFT step' if config.data.format in ('alpaca', 'chat', 'prompt_completion') else 'pretraining step'
+FLAGS = flags.FLAGS
 
 
 def main(argv):
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  del argv
-  config_flag = flags.FLAGS['config']
+  runtime.no_positional_arguments(argv)
+  runtime.setup(keep_freed_memory=False)
+  config_flag = FLAGS['config']
   path = config_flags.get_config_filename(config_flag)
   overrides = config_flags.get_override_values(config_flag)
-  topology = parse_topology(flags.FLAGS.topology)
-  configs = [(step_name(config_flag.value), path, config_flag.value)]
-  sft = sft_variant(path) if flags.FLAGS.sft else None
+  slice_ = topology.parse_topology(FLAGS.topology)
+  configs = [(topology.step_name(config_flag.value), path, config_flag.value)]
+  sft = topology.sft_variant(path) if FLAGS.sft else None
   if sft:
-    sft_config = load_config(sft)
+    sft_config = topology.load_config(sft)
     sft_config.update_from_flattened_dict(overrides)
     configs.append(('SFT step', sft, sft_config))
 
   failed = False
   for name, source, config in configs:
-    print(f'Compiling the {name} of {source} for {topology.name} ...', flush=True)
-    report = compile_step(config, topology, name)
+    print(f'Compiling the {name} of {source} for {slice_.name} ...', flush=True)
+    report = topology.compile_step(config, slice_, name)
     print(report.summary(), flush=True)
     if not report.fits:
       failed = True
-      print(f'\nThe {name} does not fit in {topology.chip.hbm_gib:g} GiB per chip. Try:\n'
-            + slice_tip(source, topology) + advice(report, config), file=sys.stderr, flush=True)
+      print(f'\nThe {name} does not fit in {slice_.chip.hbm_gib:g} GiB per chip. Try:\n'
+            + topology.slice_tip(source, slice_) + topology.advice(report, config), file=sys.stderr,
+            flush=True)
   if failed:
     sys.exit(1)
 
 
-def _define_flags():
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  config_flags.DEFINE_config_file('config', None, 'Path to a config file (optionally :options).',
-                                  lock_config=False)
-  flags.DEFINE_string('topology', None, 'TPU slice: v5p-8, v4-8, v5e-8, v6e-8, ... or v5p:2x2x1.')
+def define_flags():
+  run.define_flags(workdir=False, lock_config=False)
+  flags.DEFINE_string('topology', None, 'TPU slice: v5p-8, v4-8, v5e-8, v6e-8, ... or v5p:2x2x1.',
+                      required=True)
   flags.DEFINE_bool('sft', True, 'Also compile the config\'s SFT variant, when it has one.')
-  flags.mark_flags_as_required(['config', 'topology'])
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=import-outside-toplevel
-  _define_flags()
+  # Before JAX starts a backend: compiling needs no TPU, and takes none on a TPU VM that is busy.
+  if 'JAX_PLATFORMS' not in os.environ:
+    jax.config.update('jax_platforms', 'cpu')
+  define_flags()
   app.run(main)

@@ -1,12 +1,12 @@
 """The training loop shared by `train.pretrain` and `train.sft`.
 
-config -> mesh -> state (fresh, from `init_params`, or resumed from the workdir) -> jitted step over the
-host's batches -> periodic eval, logs and checkpoints. The data source is the only thing that differs
-between the entry points.
+config -> Run (mesh, model, optimizer) -> state (fresh, from `init_params`, or resumed from the
+workdir) -> jitted step over the host's batches -> periodic eval, logs and checkpoints. The data source
+is the only thing that differs between the entry points. Process setup (logs, jax.distributed, host
+memory) is the entry point's, done before (model/runtime.py).
 """
 
 import json
-import logging as std_logging
 import math
 import os
 import time
@@ -15,18 +15,17 @@ from typing import Any, Callable, Protocol
 import jax
 import numpy as np
 from absl import logging
-from etils import epath
 from jax.experimental import multihost_utils
 
-from model import ModelConfig, Transformer
+from data.batch import empty_batch
+from train import batches as batches_lib
 from train import checkpoint as checkpoint_lib
 from train import metrics as metrics_lib
-from train import optimizer as optimizer_lib
 from train import preemption
-from train import sharding as sharding_lib
 from train import state as state_lib
-from train import step as step_lib
-from train import validate
+from train import workdir as workdir_lib
+from train.chips import peak_tflops
+from train.run import Run
 
 
 class DataSource(Protocol):
@@ -38,37 +37,6 @@ class DataSource(Protocol):
   def eval_batches(self, shard_index: int, shard_count: int, batch_size: int,
                    max_batches: int) -> list[dict[str, np.ndarray]]:
     """This host's held-out batches (possibly none)."""
-
-
-class Run:
-  """Everything derived from the config that both training and tooling need."""
-
-  def __init__(self, config: Any, tokenizer_vocab: int | None = None):
-    self.config = config
-    self.model_config = ModelConfig.from_dict(config.model)
-    validate.check(config, self.model_config, jax.device_count(), tokenizer_vocab)
-    self.mesh = sharding_lib.make_mesh(config.mesh)
-    self.model = Transformer(self.model_config)
-    self.tx, self.schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
-    self.state_shardings = state_lib.state_shardings(self.model, self.tx, self.mesh)
-    self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
-
-  def abstract_state(self):
-    return state_lib.abstract_state(self.model, self.tx, self.mesh)
-
-  def train_step(self):
-    step = step_lib.make_train_step(self.model, self.tx, self.schedule,
-                                    grad_accum_steps=self.config.train.grad_accum_steps,
-                                    z_loss=self.config.train.z_loss)
-    return step_lib.jit_train_step(step, self.state_shardings, self.mesh)
-
-  def eval_step(self):
-    return step_lib.jit_eval_step(step_lib.make_eval_step(self.model), self.state_shardings.params,
-                                  self.mesh)
-
-  def global_batch(self, local_batch):
-    return sharding_lib.global_batch_from_local(local_batch, self.batch_sharding,
-                                                self.config.train.batch_size)
 
 
 def evaluate(run: Run, eval_step, params, batches) -> dict[str, float]:
@@ -83,7 +51,7 @@ def evaluate(run: Run, eval_step, params, batches) -> dict[str, float]:
           'eval_tokens': float(totals['weight'])}
 
 
-def _equalize_eval_batches(batches, batch_size):
+def _equalize_eval_batches(batches):
   """Every host must run the same number of eval steps: pad the shorter hosts with empty batches."""
   count = len(batches)
   if jax.process_count() > 1:
@@ -91,43 +59,8 @@ def _equalize_eval_batches(batches, batch_size):
   if len(batches) < count:
     if not batches:
       raise ValueError('This host has no eval data while others do; give every host some eval data')
-    empty = {k: np.zeros_like(v) for k, v in batches[0].items()}
-    batches = batches + [empty] * (count - len(batches))
+    batches = batches + [empty_batch(*batches[0]['inputs'].shape)] * (count - len(batches))
   return batches
-
-
-_PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class _LibraryInfoFilter(std_logging.Filter):
-  """Keeps libraries' warnings and errors but only our own INFO lines (orbax alone logs a dozen per
-  checkpoint), so that the training log stays readable."""
-
-  def filter(self, record):
-    return record.levelno >= std_logging.WARNING or (
-        record.pathname.startswith(_PROJECT_ROOT) and 'site-packages' not in record.pathname)
-
-
-def quiet_library_logs():
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
-    handler.addFilter(_LibraryInfoFilter())
-
-
-def _format_line(step: int, total: int, m: dict[str, float]) -> str:
-  parts = [f'step {step}/{total}', f"loss {m['loss']:.4f}", f"lr {m['learning_rate']:.2e}",
-           f"grad_norm {m['grad_norm']:.3f}"]
-  if 'step_time_ms' in m:
-    parts += [f"tokens/s {m['tokens_per_sec']:,.0f}", f"step {m['step_time_ms']:.1f} ms",
-              f"{m['tflops_per_device']:.2f} TFLOP/s/device"]
-  if 'mfu' in m:
-    parts.append(f"MFU {100 * m['mfu']:.1f}%")
-  if m.get('skipped'):
-    parts.append(f"skipped {int(m['skipped'])}")
-  if 'step_time_ms' in m and step < total:
-    eta = int((total - step) * m['step_time_ms'] / 1000)
-    parts.append(f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
-  return ' | '.join(parts)
 
 
 class TrainingDiverged(RuntimeError):
@@ -140,27 +73,24 @@ class Trainer:
 
   def __init__(self, config: Any, workdir: str, data: DataSource,
                init_params: Callable[[Run], Any] | None = None):
-    quiet_library_logs()
-    sharding_lib.maybe_initialize_distributed(**config.distributed)
     self.config, self.workdir, self.data = config, workdir, data
     self.run = run = Run(config, tokenizer_vocab=data.vocab_size)
     self.primary = jax.process_index() == 0
     self.ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint.keep,
                                             config.checkpoint.async_save, run.model_config)
     self.resumed_from = self.ckpt.latest_step()
-    validate.check_workdir(config, workdir, self.resumed_from is not None)
+    workdir_lib.check_config(config, workdir, self.resumed_from is not None)
     if self.primary:
-      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-      _write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
+      workdir_lib.write_config(workdir, config)
     self.writer = metrics_lib.MetricWriter(
         workdir, enabled=self.primary, wandb_project=config.logging.wandb_project,
         wandb_entity=config.logging.wandb_entity, run_config=json.loads(config.to_json_best_effort()))
 
     tcfg = config.train
-    shard_index, shard_count, local_batch = sharding_lib.data_shard(run.batch_sharding, tcfg.batch_size)
+    shard_index, shard_count, local_batch = batches_lib.data_shard(run.batch_sharding, tcfg.batch_size)
     self.train_iter = data.train_iterator(shard_index, shard_count, local_batch)
     self.eval_batches = _equalize_eval_batches(
-        data.eval_batches(shard_index, shard_count, local_batch, tcfg.eval_max_batches), local_batch)
+        data.eval_batches(shard_index, shard_count, local_batch, tcfg.eval_max_batches))
 
     if self.resumed_from is not None:
       self.state, data_state = self.ckpt.restore(self.resumed_from, run.abstract_state())
@@ -174,7 +104,7 @@ class Trainer:
     self.first_batch = next(self.train_iter)
     if self.resumed_from is None:
       params = init_params(run) if init_params else None
-      self.state = state_lib.init_state(run.model, run.tx, run.mesh, tcfg.seed, params)
+      self.state = state_lib.init_state(run.model_config, run.tx, run.mesh, tcfg.seed, params)
     n_params = sum(x.size for x in jax.tree.leaves(self.state.params))
     logging.info('Model: %s parameters; mesh %s; %d process(es), %d device(s); local batch %d x %d',
                  f'{n_params:,}', dict(run.mesh.shape), jax.process_count(), jax.device_count(),
@@ -183,7 +113,7 @@ class Trainer:
     self.train_step, self.eval_step = run.train_step(), run.eval_step()
     self.flops_per_step = metrics_lib.train_flops_per_token(run.model_config, tcfg.seq_len) * (
         tcfg.batch_size * tcfg.seq_len)
-    self.peak = metrics_lib.peak_tflops()
+    self.peak = peak_tflops()
     self.last: dict[str, float] = {}
     self.eval_history: list[dict] = []
 
@@ -197,8 +127,8 @@ class Trainer:
     self.last.update(result)
     self.eval_history.append({'step': step, **result})
     if self.primary:
-      _write_json(os.path.join(self.workdir, 'eval_results.json'), self.eval_history,
-                  append_to_existing=True)
+      workdir_lib.write_json(os.path.join(self.workdir, 'eval_results.json'), self.eval_history,
+                             append_to_existing=True)
       logging.info('eval at step %d: loss %.4f | perplexity %.2f | %d tokens', step,
                    result['eval_loss'], result['eval_perplexity'], result['eval_tokens'])
 
@@ -220,7 +150,7 @@ class Trainer:
     self.writer.write(step, m)
     self.last.update(m)
     if self.primary:
-      logging.info(_format_line(step, tcfg.steps, m))
+      logging.info(metrics_lib.format_line(step, tcfg.steps, m))
 
   def save(self, step: int):
     self.ckpt.save(step, self.state, self.train_iter.get_state())
@@ -291,20 +221,8 @@ class Trainer:
                       'resume.', step, stopped_by, self.ckpt.directory)
       self.last['stopped_at'] = step
     if self.primary:
-      _write_json(os.path.join(self.workdir, 'final_metrics.json'), {'step': step, **self.last})
+      workdir_lib.write_json(os.path.join(self.workdir, 'final_metrics.json'), {'step': step, **self.last})
     return self.last
-
-
-def define_flags():
-  """--config (a config file, with --config.a.b=value overrides) and --workdir: the flags of both
-  entry points, defined only when one runs as a program (importing both, as tests do, must not define
-  a flag twice)."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel  (not on GPU images)
-  config_flags.DEFINE_config_file('config', None, 'Path to a config file.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Checkpoints, logs and metrics go here; a run resumes '
-                      'from the latest checkpoint in it.')
-  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def train(config: Any, workdir: str, data: DataSource,
@@ -315,23 +233,3 @@ def train(config: Any, workdir: str, data: DataSource,
   state is built around them. Returns the last logged metrics.
   """
   return Trainer(config, workdir, data, init_params).fit()
-
-
-def _write_json(path: str, value, append_to_existing: bool = False):
-  """With `append_to_existing`, `value` (a list) extends what a previous run of the same workdir
-  wrote, minus entries for steps this run has redone."""
-  if append_to_existing and epath.Path(path).exists():
-    earlier = json.loads(epath.Path(path).read_text())
-    first_step = value[0]['step']
-    value = [e for e in earlier if e['step'] < first_step] + value
-  _write_text(path, json.dumps(value, indent=2))
-
-
-def _write_text(path: str, text: str):
-  """Local files are replaced atomically; on object stores (gs://) a single write is atomic already."""
-  if metrics_lib.is_remote(path):
-    epath.Path(path).write_text(text)
-    return
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.replace(path + '.tmp', path)

@@ -1,38 +1,15 @@
-"""Throughput accounting (model FLOPs, peak rates of known chips) and the metric writers."""
+"""Training metrics: model FLOPs per token, the log line, and the writers (metrics.jsonl, TensorBoard,
+Weights & Biases)."""
 
 import json
 import os
 import time
 
-import jax
 from absl import logging
 from etils import epath
 
 from model import ModelConfig
-
-# Dense bf16 peak TFLOP/s per chip, by a substring of `jax.Device.device_kind` (first match wins).
-PEAK_TFLOPS = (
-    ('TPU v6 lite', 918.0),  # v6e (Trillium)
-    ('TPU v6e', 918.0),
-    ('TPU v5 lite', 197.0),  # v5e
-    ('TPU v5e', 197.0),
-    ('TPU v5p', 459.0),
-    ('TPU v5', 459.0),  # v5p reports itself as "TPU v5"
-    ('TPU v4', 275.0),
-    ('H200', 989.0),
-    ('H100', 989.0),
-    ('A100', 312.0),
-)
-
-
-def peak_tflops(device: jax.Device | None = None) -> float | None:
-  """The chip's peak bf16 TFLOP/s, or None where unknown (e.g. CPU)."""
-  kind = (device or jax.devices()[0]).device_kind
-  for pattern, tflops in PEAK_TFLOPS:
-    if pattern.lower() in kind.lower():
-      return tflops
-  return None
-
+from model.params import is_remote
 
 def matmul_params(cfg: ModelConfig) -> int:
   """Parameters that take part in a matmul per token (the embedding lookup is not a matmul)."""
@@ -50,9 +27,21 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return 6 * matmul_params(cfg) + attention
 
 
-def is_remote(path: str) -> bool:
-  """An object-store path (gs://...), where files cannot be appended to."""
-  return '://' in str(path)
+def format_line(step: int, total: int, m: dict[str, float]) -> str:
+  """The training log's line for one logging window."""
+  parts = [f'step {step}/{total}', f"loss {m['loss']:.4f}", f"lr {m['learning_rate']:.2e}",
+           f"grad_norm {m['grad_norm']:.3f}"]
+  if 'step_time_ms' in m:
+    parts += [f"tokens/s {m['tokens_per_sec']:,.0f}", f"step {m['step_time_ms']:.1f} ms",
+              f"{m['tflops_per_device']:.2f} TFLOP/s/device"]
+  if 'mfu' in m:
+    parts.append(f"MFU {100 * m['mfu']:.1f}%")
+  if m.get('skipped'):
+    parts.append(f"skipped {int(m['skipped'])}")
+  if 'step_time_ms' in m and step < total:
+    eta = int((total - step) * m['step_time_ms'] / 1000)
+    parts.append(f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
+  return ' | '.join(parts)
 
 
 class JsonlLog:
@@ -64,7 +53,8 @@ class JsonlLog:
     self._remote = is_remote(path)
     self._rewrite_every_s = rewrite_every_s
     if self._remote:
-      self._lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+      self._lines = ([line + '\n' for line in self.path.read_text().split('\n') if line]
+                     if self.path.exists() else [])
       self._written_at = time.monotonic()
     else:
       self._file = open(path, 'a', encoding='utf-8')

@@ -8,12 +8,11 @@ per evaluation). Four panels: train and held-out loss, tokens/s, learning rate, 
 colour per run. A run that was stopped and resumed logged some steps twice: the later values win.
 Also prints one summary line per run.
 
-Needs matplotlib (`pip install matplotlib`), numpy and nothing else: no TensorFlow, no JAX, so it
-runs anywhere, e.g. on a laptop against a copied workdir. gs:// workdirs are read through TensorFlow's
-file system, imported only for them.
+Needs matplotlib, absl and etils, but neither TensorFlow nor JAX: it runs anywhere, e.g. on a laptop
+against a copied workdir. gs:// workdirs are read through etils.epath (TensorFlow's file systems where
+TensorFlow is installed, else fsspec's gcsfs).
 """
 
-import argparse
 import io
 import json
 import os
@@ -21,26 +20,15 @@ import statistics
 import sys
 from typing import Any, Sequence
 
+from absl import app, flags
+from etils import epath
+
 PANELS = (  # (metric key in metrics.jsonl, panel title, y label)
     ('loss', 'Loss', 'cross-entropy (nats/token)'),
     ('tokens_per_sec', 'Throughput', 'tokens/s'),
     ('learning_rate', 'Learning rate', 'lr'),
     ('grad_norm', 'Gradient norm', 'global L2 norm (before clipping)'),
 )
-
-
-def _open(path: str, mode: str = 'r'):
-  if path.startswith('gs://'):
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    return tf.io.gfile.GFile(path, mode)
-  return open(path, mode, encoding=None if 'b' in mode else 'utf-8')
-
-
-def _exists(path: str) -> bool:
-  if path.startswith('gs://'):
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    return tf.io.gfile.exists(path)
-  return os.path.exists(path)
 
 
 def _parse(line: str) -> dict | None:
@@ -56,8 +44,9 @@ def read_metrics(path: str) -> dict[int, dict[str, float]]:
   after its last checkpoint), what the earlier attempt logged from that step on is dropped."""
   by_step: dict[int, dict[str, float]] = {}
   last, bad = -1, []
-  with _open(path) as f:
-    for n, line in enumerate(f, 1):
+  with epath.Path(path).open('rb') as f:
+    for n, raw in enumerate(f, 1):
+      line = raw.decode('utf-8', errors='replace')
       if not line.strip():
         continue
       record = _parse(line)
@@ -87,10 +76,10 @@ def load_run(workdir: str, label: str | None = None) -> dict[str, Any]:
   workdir = workdir.rstrip('/')
   metrics_path = f'{workdir}/metrics.jsonl'
   eval_path = f'{workdir}/eval_results.json'
-  if not _exists(metrics_path) and not _exists(eval_path):
+  if not epath.Path(metrics_path).exists() and not epath.Path(eval_path).exists():
     raise FileNotFoundError(f'{workdir}: no metrics.jsonl or eval_results.json; is this the --workdir '
                             'of a train.pretrain or train.sft run?')
-  by_step = read_metrics(metrics_path) if _exists(metrics_path) else {}
+  by_step = read_metrics(metrics_path) if epath.Path(metrics_path).exists() else {}
   series: dict[str, tuple[list[int], list[float]]] = {}
   for step in sorted(by_step):
     for key, value in by_step[step].items():
@@ -99,9 +88,9 @@ def load_run(workdir: str, label: str | None = None) -> dict[str, Any]:
       steps, values = series.setdefault(key, ([], []))
       steps.append(step)
       values.append(float(value))
-  if _exists(eval_path):  # the trainer's own deduplicated list
-    with _open(eval_path) as f:
-      evals = sorted((int(e['step']), float(e['eval_loss'])) for e in json.load(f))
+  if epath.Path(eval_path).exists():  # the trainer's own deduplicated list
+    evals = sorted((int(e['step']), float(e['eval_loss']))
+                   for e in json.loads(epath.Path(eval_path).read_text()))
   else:
     evals = sorted((s, float(r['eval_loss'])) for s, r in by_step.items() if 'eval_loss' in r)
   return {'label': label or os.path.basename(workdir) or workdir, 'workdir': workdir, 'series': series,
@@ -175,41 +164,40 @@ def plot_runs(workdirs: Sequence[str], out: str | None = None, labels: Sequence[
   if out:
     buffer = io.BytesIO()
     fig.savefig(buffer, format='png', dpi=100)
-    parent = os.path.dirname(out)
-    if parent and not out.startswith('gs://'):
-      os.makedirs(parent, exist_ok=True)
-    with _open(out, 'wb') as f:
-      f.write(buffer.getvalue())
+    epath.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    epath.Path(out).write_bytes(buffer.getvalue())
   return fig, runs
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog='python -m train.plot', description=__doc__.split('\n\n')[0])
-  parser.add_argument('--workdir', action='extend', nargs='+', required=True, metavar='DIR',
-                      help='A run\'s --workdir (local or gs://); repeat the flag, or list several, to '
-                           'compare runs.')
-  parser.add_argument('--out', default='loss.png', help='PNG to write (default: loss.png).')
-  parser.add_argument('--label', action='append', default=[],
-                      help='Legend name of each run, in --workdir order (default: the folder name).')
-  parser.add_argument('--title', default='', help='Figure title (default: the run labels).')
-  return parser
+FLAGS = flags.FLAGS  # defined by define_flags() when run as a program
 
 
-def main(argv=None):
-  args = build_parser().parse_args(argv)
+def main(argv):
+  # `--workdir A B` (several after one flag) reads as `--workdir A` and a positional B.
+  workdirs = list(FLAGS.workdir) + list(argv[1:])
   try:
     import matplotlib  # pylint: disable=import-outside-toplevel
   except ImportError:
     sys.exit('train.plot needs matplotlib, which is not installed: pip install matplotlib')
   matplotlib.use('Agg')
   try:
-    _, runs = plot_runs(args.workdir, args.out, args.label, args.title)
+    _, runs = plot_runs(workdirs, FLAGS.out, FLAGS.label, FLAGS.title)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f'train.plot: {e}')
   for run in runs:
     print(summary(run))
-  print(f'Wrote {args.out}')
+  print(f'Wrote {FLAGS.out}')
+
+
+def define_flags():
+  flags.DEFINE_multi_string('workdir', None, "A run's --workdir (local or gs://); repeat the flag, or "
+                            'list several after it, to compare runs.', required=True)
+  flags.DEFINE_string('out', 'loss.png', 'PNG to write.')
+  flags.DEFINE_multi_string('label', [], 'Legend name of each run, in --workdir order (default: the '
+                            'folder name).')
+  flags.DEFINE_string('title', '', 'Figure title (default: the run labels).')
 
 
 if __name__ == '__main__':
-  main()
+  define_flags()
+  app.run(main)

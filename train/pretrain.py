@@ -6,9 +6,10 @@
 from absl import app, flags
 
 from data.synthetic import SyntheticData
-from train import host_memory, loop
+from model import runtime
+from train import loop, run
 
-FLAGS = flags.FLAGS  # --config and --workdir: loop.define_flags(), when run as a program
+FLAGS = flags.FLAGS  # --config and --workdir: run.define_flags(), when run as a program
 
 
 def make_data(config):
@@ -19,13 +20,12 @@ def make_data(config):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  host_memory.keep_freed_memory()  # before JAX starts its CPU backend
+  runtime.no_positional_arguments(argv)
   config = FLAGS.config
+  runtime.setup(config.distributed)
   loop.train(config, FLAGS.workdir, make_data(config))
 
 
 if __name__ == '__main__':
-  loop.define_flags()
+  run.define_flags()
   app.run(main)

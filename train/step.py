@@ -1,8 +1,8 @@
 """The one train step, shared by pretraining and instruction tuning, and its eval counterpart.
 
-A batch is a dict of [B, T] arrays: `inputs`, `targets`, `segment_ids`, `positions`, `loss_weights`.
-The step does not know where the batch came from: pretraining and instruction tuning differ only in
-which targets carry loss weight. The loss is sum(weights * cross-entropy) / sum(weights).
+A batch is a dict of [B, T] arrays (data/batch.py: `inputs`, `targets`, `segment_ids`, `positions`,
+`loss_weights`). The step does not know where the batch came from: pretraining and instruction tuning
+differ only in which targets carry loss weight. The loss is sum(weights * cross-entropy) / sum(weights).
 """
 
 from typing import Any, Callable
@@ -13,10 +13,8 @@ import jax.numpy as jnp
 import optax
 
 from model import Transformer
-from train import sharding as sharding_lib
+from model import sharding as sharding_lib
 from train.state import TrainState
-
-BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_weights')
 
 
 def _ce_sums(logits, targets, weights) -> dict[str, jax.Array]:
@@ -41,17 +39,17 @@ def loss_chunks(seq_len: int, chunk_len: int) -> int:
   return n
 
 
-def loss_sums(model: Transformer, params, batch) -> dict[str, jax.Array]:
+def loss_sums(model: Transformer, params, batch, loss_chunk_len: int = 0) -> dict[str, jax.Array]:
   """Batch sums of weighted cross-entropy, weighted squared log-partition (z-loss), and weights.
 
-  Sums rather than means so that microbatches and eval batches add up exactly. With
-  `model.config.loss_chunk_len` shorter than the sequence, the float32 logits exist for one chunk of
+  Sums rather than means so that microbatches and eval batches add up exactly. With `loss_chunk_len`
+  (config.train.loss_chunk_len) shorter than the sequence, the float32 logits exist for one chunk of
   positions at a time, in the forward pass and (recomputed) in the backward pass: [B, T/n, V] instead
   of [B, T, V], which for a 128k vocabulary is the largest activation of the whole step.
   """
   args = (batch['inputs'], batch['segment_ids'], batch['positions'])
   targets, weights = batch['targets'], batch['loss_weights']
-  n = loss_chunks(targets.shape[1], model.config.loss_chunk_len)
+  n = loss_chunks(targets.shape[1], loss_chunk_len)
   if n == 1:
     return _ce_sums(model.apply({'params': params}, *args), targets, weights)
 
@@ -85,11 +83,12 @@ def split_microbatches(batch, num_microbatches: int):
 
 
 def make_train_step(model: Transformer, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    *, grad_accum_steps: int = 1, z_loss: float = 0.0) -> Callable:
+                    *, grad_accum_steps: int = 1, z_loss: float = 0.0,
+                    loss_chunk_len: int = 0) -> Callable:
   """Returns the pure `train_step(state, batch) -> (state, metrics)`."""
 
   def objective(params, batch):
-    sums = loss_sums(model, params, batch)
+    sums = loss_sums(model, params, batch, loss_chunk_len)
     return sums['ce'] + z_loss * sums['z'], sums
 
   grad_fn = jax.grad(objective, has_aux=True)
@@ -134,9 +133,9 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation, schedu
   return train_step
 
 
-def make_eval_step(model: Transformer) -> Callable:
+def make_eval_step(model: Transformer, loss_chunk_len: int = 0) -> Callable:
   """`eval_step(params, batch) -> sums`; callers add sums over batches, then divide."""
-  return lambda params, batch: loss_sums(model, params, batch)
+  return lambda params, batch: loss_sums(model, params, batch, loss_chunk_len)
 
 
 def jit_train_step(train_step, state_shardings, mesh, rules=sharding_lib.LOGICAL_AXIS_RULES):

@@ -3,21 +3,10 @@
 Every problem found is reported at once, each naming the config key and what was expected.
 """
 
-import json
 from typing import Any
 
-from etils import epath
-
 from model import ModelConfig
-from train import sharding as sharding_lib
-
-# Keys a resumed run may change: how long to train, how often to log/eval/save, and the mesh (a
-# checkpoint restores onto any mesh). Everything else changes the run itself.
-RESUME_MAY_CHANGE = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_at_start',
-                     'train.eval_max_batches', 'train.override_workdir_config',
-                     'train.max_consecutive_skips', 'checkpoint.', 'mesh.', 'distributed.',
-                     'init_from', 'logging.')
-
+from model import sharding as sharding_lib
 
 class ConfigError(ValueError):
   pass
@@ -30,7 +19,7 @@ def check(config: Any, model: ModelConfig, num_devices: int, tokenizer_vocab: in
   for key in ('steps', 'batch_size', 'seq_len', 'grad_accum_steps', 'log_every'):
     if train[key] <= 0:
       errors.append(f'train.{key} must be positive, got {train[key]}')
-  for key in ('eval_every', 'eval_max_batches'):
+  for key in ('eval_every', 'eval_max_batches', 'loss_chunk_len'):
     if train[key] < 0:
       errors.append(f'train.{key} must be >= 0, got {train[key]}')
   if config.checkpoint.every_steps <= 0 or config.checkpoint.keep <= 0:
@@ -72,26 +61,3 @@ def check(config: Any, model: ModelConfig, num_devices: int, tokenizer_vocab: in
                   f'{model.vocab_size}; token ids would fall outside the embedding table')
   if errors:
     raise ConfigError('Invalid config:\n  ' + '\n  '.join(errors))
-
-
-def _flatten(tree, prefix=''):
-  if isinstance(tree, dict):
-    return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f'{prefix}{key}.').items()}
-  return {prefix[:-1]: tree}
-
-
-def check_workdir(config: Any, workdir: str, has_checkpoint: bool):
-  """Refuses to resume a workdir whose run used a different config, unless told to override."""
-  path = epath.Path(workdir) / 'config.json'
-  if not has_checkpoint or not path.exists():
-    return
-  saved = _flatten(json.loads(path.read_text()))
-  current = _flatten(json.loads(config.to_json_best_effort()))
-  changed = [f'{k}: {saved.get(k, "<absent>")!r} -> {current.get(k, "<absent>")!r}'
-             for k in sorted(set(saved) | set(current))
-             if saved.get(k) != current.get(k) and not k.startswith(RESUME_MAY_CHANGE)]
-  if changed and not config.train.override_workdir_config:
-    raise ConfigError(
-        f'{workdir} holds a run with a different config; resuming it would mix two runs:\n  '
-        + '\n  '.join(changed) + '\nUse a new --workdir, or pass '
-        '--config.train.override_workdir_config=True to resume with the new values.')

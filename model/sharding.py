@@ -1,15 +1,16 @@
-"""Where arrays live: the device mesh, the logical-axis rules, and the shardings derived from them."""
+"""Where arrays live: the device mesh, the logical-axis rules, and the shardings derived from them.
+
+The model names every axis of its weights and activations (model/transformer.py); this table maps the
+names onto mesh axes, for training (train/) and for generation alike.
+"""
 
 import contextlib
 import functools
-import glob
 import math
-import os
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -72,6 +73,17 @@ def logical_to_sharding(logical_specs, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
+def tree_shardings(boxed_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+  """NamedShardings for every leaf of a tree whose leaves carry logical axes (flax boxes)."""
+  return logical_to_sharding(nn.get_partition_spec(boxed_tree), mesh, rules)
+
+
+def placed(shapes, shardings):
+  """ShapeDtypeStructs carrying their shardings: a target for restoring or compiling onto a mesh."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                      shardings)
+
+
 def batch_sharding(mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> NamedSharding:
   return logical_to_sharding(P(*BATCH_AXES), mesh, rules)
 
@@ -89,65 +101,8 @@ def with_logical_rules(fn, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
   return wrapped
 
 
-def process_batch_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
-  """The contiguous [start, stop) rows of the global batch that this process's devices hold.
-
-  Processes that hold the same rows (e.g. when `tensor` spans hosts) get the same range and must be
-  fed the same data; `data_shard(...)` turns this into a data-loader shard index.
-  """
-  indices = sharding.addressable_devices_indices_map((global_batch, 1))
-  starts = sorted({(idx[0].start or 0, idx[0].stop or global_batch) for idx in indices.values()})
-  start, stop = starts[0][0], starts[-1][1]
-  covered = sum(b - a for a, b in starts)
-  if covered != stop - start:
-    raise ValueError(f'process {jax.process_index()} holds non-contiguous batch rows {starts}; '
-                     'reorder the mesh so that each host owns a contiguous block of the batch')
-  return start, stop
-
-
-def data_shard(sharding: NamedSharding, global_batch: int) -> tuple[int, int, int]:
-  """(shard_index, shard_count, local_batch) for this process's input pipeline."""
-  start, stop = process_batch_rows(sharding, global_batch)
-  local = stop - start
-  return start // local, global_batch // local, local
-
-
-def global_batch_from_local(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding,
-                            global_batch: int) -> dict[str, jax.Array]:
-  """Assembles per-host numpy rows into global jax.Arrays sharded over the mesh."""
-  return {
-      k: jax.make_array_from_process_local_data(sharding, v, (global_batch,) + v.shape[1:])
-      for k, v in local_batch.items()
-  }
-
-
-def maybe_initialize_distributed(coordinator_address: str = '', num_processes: int = 0,
-                                 process_id: int = -1) -> bool:
-  """Joins a multi-process JAX run when one is configured or detected. Returns whether it did.
-
-  Explicit arguments win (any cluster, CPU included). Otherwise Cloud TPU VMs (found by their TPU
-  device files; JAX then reads the slice's workers from the metadata server, and a single-host slice
-  simply becomes one process), GKE TPU pods and SLURM jobs with several tasks are detected, and JAX
-  fills in the details itself.
-  """
-  if jax.distributed.is_initialized():
-    return True
-  # CPU processes need a collectives backend to talk to each other; harmless on accelerators.
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  if coordinator_address:
-    jax.distributed.initialize(coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
-    return True
-  tpu_hosts = [h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]
-  on_tpu_vm = bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'))
-  if on_tpu_vm or len(tpu_hosts) > 1 or int(os.environ.get('SLURM_NTASKS', '1')) > 1:
-    jax.distributed.initialize()
-    return True
-  return False
-
-
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
-  """Eager-mode counterpart of `with_logical_rules`, for code that calls the model outside a step."""
+  """The context of `with_logical_rules` for a block of code, e.g. generation outside a train step."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield

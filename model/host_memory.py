@@ -25,8 +25,13 @@ from absl import logging
 
 # mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-# Device nodes of TPUs (v4/v5e: accel, v5p/v6e: vfio), NVIDIA and AMD GPUs.
-_ACCELERATOR_NODES = ('/dev/accel[0-9]*', '/dev/vfio/[0-9]*', '/dev/nvidia[0-9]*', '/dev/kfd')
+# Device nodes of TPUs (v4/v5e: accel, v5p/v6e: vfio), then of NVIDIA and AMD GPUs.
+TPU_NODES = ('/dev/accel[0-9]*', '/dev/vfio/[0-9]*')
+ACCELERATOR_NODES = TPU_NODES + ('/dev/nvidia[0-9]*', '/dev/kfd')
+
+
+def has_device_node(patterns) -> bool:
+  return any(glob.glob(pattern) for pattern in patterns)
 
 
 def computes_on_cpu() -> bool:
@@ -35,7 +40,7 @@ def computes_on_cpu() -> bool:
   platforms = os.environ.get('JAX_PLATFORMS', '')
   if platforms:
     return platforms.split(',')[0].strip() == 'cpu'
-  return not any(glob.glob(pattern) for pattern in _ACCELERATOR_NODES)
+  return not has_device_node(ACCELERATOR_NODES)
 
 
 def keep_freed_memory() -> bool:

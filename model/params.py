@@ -1,0 +1,167 @@
+"""A model's weights on disk: the step folder that holds its parameters and its ModelConfig.
+
+A step folder `<checkpoints>/<step>/` holds `state/` (an orbax PyTree whose `params` subtree is the
+model's parameters; training adds the step counter and optimizer state beside it, see
+train/checkpoint.py) and `model_config/` (the ModelConfig as JSON), so that the folder alone rebuilds
+the model. This module resolves such folders (from a workdir, its checkpoints/ folder, or the step
+folder itself), reads a step's model config, loads its parameters with a shape check first, and
+writes parameters-only step folders (Hugging Face imports). Local or gs:// paths (etils.epath).
+"""
+
+import contextlib
+import dataclasses
+import json
+import logging as std_logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from model import sharding
+from model.config import DTYPES, ModelConfig
+from model.transformer import abstract_params
+
+STATE, MODEL_CONFIG = 'state', 'model_config'  # the items of a step folder
+# Orbax writes a step to `<step>.orbax-checkpoint-tmp-*` and renames it when complete.
+TMP_MARK = '.orbax-checkpoint-tmp'
+
+
+def is_remote(path) -> bool:
+  """An object-store path (gs://...), where files cannot be appended to or renamed cheaply."""
+  return '://' in str(path)
+
+
+def absolute(path) -> epath.Path:
+  """Local paths made absolute (orbax refuses relative ones); gs:// and other URLs as they are."""
+  return epath.Path(path if is_remote(path) else os.path.abspath(path))
+
+
+def saved_steps(directory) -> list[int]:
+  """The complete steps under a checkpoints folder, oldest first."""
+  directory = absolute(directory)
+  if not directory.exists():
+    return []
+  return sorted(int(c.name) for c in directory.iterdir()
+                if c.name.isdigit() and (c / STATE).exists() and TMP_MARK not in c.name)
+
+
+def resolve_step_dir(path) -> epath.Path:
+  """A step folder from a workdir (its latest step), a checkpoints folder, or a step folder itself."""
+  p = absolute(path)
+  if (p / STATE).exists():
+    return p
+  for root in (p / 'checkpoints', p):
+    steps = saved_steps(root)
+    if steps:
+      return root / str(steps[-1])
+  raise FileNotFoundError(f'No checkpoint at {path}: expected a workdir, its checkpoints/ folder, or '
+                          'a step folder holding state/')
+
+
+def load_model_config(path) -> ModelConfig:
+  """The ModelConfig stored with a checkpoint."""
+  step_dir = resolve_step_dir(path)
+  meta = step_dir / MODEL_CONFIG / 'metadata'
+  if not meta.exists():
+    raise FileNotFoundError(f'{step_dir} holds no model_config; it was not written by this project')
+  return ModelConfig.from_dict(json.loads(meta.read_text()))
+
+
+def abstract_params_on(cfg: ModelConfig, mesh=None):
+  """The parameter tree as ShapeDtypeStructs placed on `mesh` by their logical axes (FSDP/tensor
+  sharded as in training), or on the first device when `mesh` is None: a target for `load_params`."""
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = abstract_params(cfg)
+    return sharding.placed(shapes, jax.tree.map(lambda _: device, shapes))
+  return sharding.placed(abstract_params(cfg), sharding.tree_shardings(abstract_params(cfg, boxed=True),
+                                                                       mesh))
+
+
+@contextlib.contextmanager
+def _reading_one_item():
+  """Orbax warns that a step's metadata file is missing when one item folder is read on its own (as
+  here, to read only the parameters); the step folder does have it, so the warning is noise."""
+  noise = lambda record: 'Metadata file does not exist' not in record.getMessage()
+  logger = std_logging.getLogger('absl')
+  logger.addFilter(noise)
+  try:
+    yield
+  finally:
+    logger.removeFilter(noise)
+
+
+def check_params_match(path, expected: Any):
+  """Raises a ValueError naming the first parameter missing from, or shaped differently in, the
+  checkpoint at `path` (compared with the tree of arrays or ShapeDtypeStructs `expected`). Reads
+  metadata only."""
+  state_dir = resolve_step_dir(path) / STATE
+  with _reading_one_item():
+    saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree['params']
+  saved_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(saved)}
+  for key, want in jax.tree_util.tree_leaves_with_path(expected):
+    name = jax.tree_util.keystr(key)
+    if name not in saved_flat:
+      raise ValueError(f'{state_dir}: parameter {name} is missing from the checkpoint '
+                       f'(it has {len(saved_flat)} parameters, e.g. {sorted(saved_flat)[:3]})')
+    have = tuple(saved_flat[name].shape)
+    if have != tuple(want.shape):
+      raise ValueError(f'{state_dir}: parameter {name} has shape {have} in the checkpoint but the model '
+                       f'expects {tuple(want.shape)}; check the model config against the checkpoint')
+
+
+def load_params(path, abstract: Any) -> Any:
+  """Restores only the parameters of a checkpoint onto the shapes, dtypes and shardings of `abstract`
+  (e.g. `abstract_params_on(cfg, mesh)`). Raises a ValueError naming the first parameter whose shape
+  differs, before reading any weights."""
+  check_params_match(path, abstract)
+  with _reading_one_item():
+    restored = ocp.PyTreeCheckpointer().restore(resolve_step_dir(path) / STATE, args=ocp.args.PyTreeRestore(
+        item={'params': abstract},
+        restore_args={'params': ocp.checkpoint_utils.construct_restore_args(abstract)},
+        partial_restore=True))
+  return restored['params']
+
+
+def load_params_numpy(path, cfg: ModelConfig, dtype: str) -> dict:
+  """A checkpoint's parameters as host numpy arrays, cast to `dtype` as they are read (no device and
+  no second copy), after checking every shape against `cfg`."""
+  expected = abstract_params(cfg)
+  check_params_match(path, expected)
+  target = jax.tree.map(lambda s: np.empty((0,), DTYPES[dtype]), expected)
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=DTYPES[dtype]),
+                              expected)
+  with _reading_one_item():
+    restored = ocp.PyTreeCheckpointer().restore(resolve_step_dir(path) / STATE, args=ocp.args.PyTreeRestore(
+        item={'params': target}, restore_args={'params': restore_args}, partial_restore=True))
+  return restored['params']
+
+
+def step_items(state: ocp.args.CheckpointArgs, cfg: ModelConfig | None, **extra) -> ocp.args.Composite:
+  """What a step folder holds, as orbax save arguments: `state` (the save of a tree with `params`;
+  in training also the step counter and optimizer state), the model config (unless None), and `extra`
+  items (train/checkpoint.py adds each host's input position)."""
+  items = {STATE: state, **extra}
+  if cfg is not None:
+    items[MODEL_CONFIG] = ocp.args.JsonSave(dataclasses.asdict(cfg))
+  return ocp.args.Composite(**items)
+
+
+def save_params(directory, cfg: ModelConfig, params: dict, step: int = 0):
+  """Writes `<directory>/<step>/` with state = {'params': params} (host numpy arrays, e.g. an imported
+  Hugging Face model), without the memory orbax would otherwise add: its default numpy handler
+  deep-copies every array before writing, and OCDBT buffers all the written data until the end unless
+  told to close data files at a target size."""
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+      (jax.Array, ocp.type_handlers.ArrayHandler()))
+  options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False)
+  handlers = {STATE: ocp.PyTreeCheckpointHandler(type_handler_registry=registry, save_concurrent_gb=1),
+              MODEL_CONFIG: ocp.JsonCheckpointHandler()}
+  with ocp.CheckpointManager(absolute(directory), options=options, item_handlers=handlers) as manager:
+    state = ocp.args.PyTreeSave({'params': params}, ocdbt_target_data_file_size=64 * 2**20)
+    manager.save(step, args=step_items(state, cfg))
+    manager.wait_until_finished()
