@@ -19,7 +19,7 @@ from flax import traverse_util
 
 from model import lora as lora_lib
 from model import params as params_lib
-from model.config import ModelConfig
+from model.config import DTYPES, ModelConfig
 from model.lora import LoraConfig
 
 
@@ -61,14 +61,14 @@ def _plain_base(path) -> dict | None:
 def load_base(path, cfg: ModelConfig, lora: LoraConfig, mesh=None) -> tuple[dict, dict[str, int]]:
   """(frozen base parameters, fingerprint) from the plain checkpoint at `path`, held as `lora` says
   (dtype or quantized projections) and placed on `mesh` as in training (or on one device)."""
-  _plain_base(path)
   cfg = lora.base_config(cfg)
   placed = params_lib.abstract_params_on(cfg, mesh, lora)
   _, target = lora_lib.split(placed)
   if not lora.quantized:
+    _plain_base(path)
     base = params_lib.load_params(path, target)
     return base, fingerprint(base)
-  host = params_lib.load_params_numpy(path, cfg, cfg.param_dtype)
+  host = load_plain_numpy(path, cfg)
   quantize = jax.jit(lora_lib.quantize, static_argnums=(1, 2, 3))
   slice_fingerprint = jax.jit(lora_lib.leaf_fingerprint)
   flat_target = traverse_util.flatten_dict(target)
@@ -124,6 +124,12 @@ def load_model(path, mesh=None, param_dtype: str | None = None) -> tuple[ModelCo
   return cfg, lora, lora_lib.join(base, params_lib.load_params(path, adapters))
 
 
+def load_plain_numpy(path, cfg: ModelConfig, dtype: str | None = None) -> dict:
+  """A base model's parameters as host arrays (in `dtype`, default its own), refusing adapters."""
+  _plain_base(path)
+  return params_lib.load_params_numpy(path, cfg, dtype or cfg.param_dtype)
+
+
 def load_merged_numpy(path, dtype: str) -> tuple[ModelConfig, dict]:
   """A checkpoint's parameters as host arrays of `dtype`, LoRA adapters merged into the base weights
   (the base they were trained on, unquantized: the checkpoint it was read from)."""
@@ -132,10 +138,11 @@ def load_merged_numpy(path, dtype: str) -> tuple[ModelConfig, dict]:
   if ref is None:
     return cfg, params_lib.load_params_numpy(path, cfg, dtype)
   lora = dataclasses.replace(LoraConfig.from_dict(ref['config']), base_dtype='')
-  _plain_base(ref['base'])
-  base = params_lib.load_params_numpy(ref['base'], cfg, dtype)
+  # Read as stored (its fingerprint is of those values), merged in float32, returned in `dtype`.
+  base = load_plain_numpy(ref['base'], params_lib.load_model_config(ref['base']))
   check_base(ref, fingerprint(base), str(path))
-  return cfg, lora_lib.merge(lora_lib.join(base, load_adapters_numpy(path, cfg, lora)), lora)
+  merged = lora_lib.merge(lora_lib.join(base, load_adapters_numpy(path, cfg, lora)), lora)
+  return cfg, jax.tree.map(lambda x: x.astype(DTYPES[dtype]), merged)
 
 
 def load_adapters_numpy(path, cfg: ModelConfig, lora: LoraConfig) -> dict:

@@ -228,7 +228,7 @@ def _run_config(steps, **lora):
                       eval_at_start=False))
   c.optimizer.update(dict(decay_steps=6, warmup_steps=2, lr=1e-2))
   c.checkpoint.every_steps = 3
-  c.lora.update(dict(rank=4, alpha=8.0, dropout=0.1, **lora))
+  c.lora.update({**dict(rank=4, alpha=8.0, dropout=0.1), **lora})
   return c
 
 
@@ -322,13 +322,13 @@ def test_a_changed_base_is_refused(base_ckpt, lora_runs, tmp_path):
 def test_bad_lora_settings_name_the_key(base_ckpt, lora_runs, tmp_path):
   run = lambda **lora: run_lib.Run(_run_config(1, **lora))
   with pytest.raises(validate.ConfigError, match=r'lora.rank=40 is larger than the dimensions of '
-                                                 r'layers/attn/k_proj \(64 in, 32 out\)'):
+                                                 r'layers_0/attn/k_proj \(64 in, 32 out\)'):
     run(rank=40)
   with pytest.raises(validate.ConfigError, match=r"lora.targets='q,query' matches no projection: "
                                                  r'expected comma-separated names among q,k,v,o'):
     run(targets='q,query')
   with pytest.raises(validate.ConfigError, match=r'lora.block_size=64 does not divide the contracting '
-                                                 r'dimension of layers/attn/o_proj \(16\)'):
+                                                 r'dimension of layers_0/attn/o_proj \(16\)'):
     run(base_dtype='nf4')
   with pytest.raises(validate.ConfigError, match=r"lora.base_dtype must be one of .* got 'int4'"):
     run(base_dtype='int4')
