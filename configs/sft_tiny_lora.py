@@ -1,5 +1,5 @@
 """The demo's instruction tuning (configs/sft_tiny.py) with LoRA: rank-16 adapters on all seven
-projections of the frozen pretrained tiny model, 3.6% of its parameters trained.
+projections of the frozen pretrained tiny model: 155,648 parameters trained, 12% of its 1.3M.
 
   python -m train.sft --config=configs/sft_tiny_lora.py --workdir=demo/sft_lora --config.init_from=demo/pretrain
 """

@@ -139,7 +139,9 @@ class Report:
 
 
 def _shard_bytes(tree) -> int:
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  """Bytes of this chip's shards, sub-byte types (a QLoRA base's uint4 codes) packed as on TPU."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * jax.dtypes.itemsize_bits(x.dtype) // 8
+             for x in jax.tree.leaves(tree))
 
 
 def compile_step(config: Any, topology: Topology, name: str = 'train step') -> Report:
