@@ -52,7 +52,7 @@ def check_base(ref: dict, fingerprint_: dict[str, int], where: str):
                      'Restore that base, or train new adapters.')
 
 
-def _plain_base(path) -> dict | None:
+def _refuse_adapters(path):
   ref = params_lib.load_lora_reference(path)
   if ref is not None:
     raise ValueError(f'{path} holds LoRA adapters (over {ref["base"]}), not the weights of a base model')
@@ -65,7 +65,7 @@ def load_base(path, cfg: ModelConfig, lora: LoraConfig, mesh=None) -> tuple[dict
   placed = params_lib.abstract_params_on(cfg, mesh, lora)
   _, target = lora_lib.split(placed)
   if not lora.quantized:
-    _plain_base(path)
+    _refuse_adapters(path)
     base = params_lib.load_params(path, target)
     return base, fingerprint(base)
   host = load_plain_numpy(path, cfg)
@@ -126,7 +126,7 @@ def load_model(path, mesh=None, param_dtype: str | None = None) -> tuple[ModelCo
 
 def load_plain_numpy(path, cfg: ModelConfig, dtype: str | None = None) -> dict:
   """A base model's parameters as host arrays (in `dtype`, default its own), refusing adapters."""
-  _plain_base(path)
+  _refuse_adapters(path)
   return params_lib.load_params_numpy(path, cfg, dtype or cfg.param_dtype)
 
 

@@ -213,6 +213,23 @@ def test_train_step_updates_only_the_adapters():
     assert np.abs(a - b).max() > 1e-4, path  # every adapter trained
 
 
+def test_a_quantized_base_is_loaded_a_layer_at_a_time(tmp_path):
+  """Quantizing a checkpoint slice by slice on the device gives the whole-tree result, sharded as in
+  training, with the fingerprint of the unquantized weights."""
+  _, plain = lora_lib.split(_params(random_b=False))
+  plain = jax.device_get(plain)
+  params_lib.save_params(str(tmp_path / 'checkpoints'), MODEL, plain)
+  mesh = _mesh((2, 2, 2))
+  base, prints = adapters.load_base(str(tmp_path), MODEL, QLORA, mesh)
+  assert prints == adapters.fingerprint(plain)
+  expected = lora_lib.quantize_params(plain, QLORA)
+  shardings = state_lib.state_shardings(MODEL, optax.sgd(1.0), mesh, lora=QLORA).frozen
+  for (path, want), got, sharding in zip(jax.tree_util.tree_leaves_with_path(expected),
+                                         jax.tree.leaves(base), jax.tree.leaves(shardings)):
+    assert got.dtype == want.dtype and got.sharding == sharding, path
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
+
+
 # --------------------------------------------------------------------------------------------------
 # Runs: a base checkpoint, LoRA continued pretraining, exact resume, generation, bad input
 
