@@ -5,9 +5,9 @@ model's parameters; training adds the step counter and optimizer state beside it
 train/checkpoint.py) and `model_config/` (the ModelConfig as JSON), so that the folder alone rebuilds
 the model. A LoRA step folder's `params` are only the adapters; its `lora/` item (JSON) holds their
 LoraConfig and a reference to the frozen base's own step folder, with the base's fingerprint
-(model/adapters.py). This module resolves such folders (from a workdir, its checkpoints/ folder, or the step
-folder itself), reads a step's model config, loads its parameters with a shape check first, and
-writes parameters-only step folders (Hugging Face imports). Local or gs:// paths (etils.epath).
+(model/adapters.py). This module resolves such folders (from a workdir, its checkpoints/ folder, or
+the step folder itself), reads a step's model config, loads its parameters with a shape check first,
+and writes parameters-only step folders (Hugging Face imports). Local or gs:// paths (etils.epath).
 """
 
 import contextlib
@@ -161,9 +161,9 @@ def step_items(state: ocp.args.CheckpointArgs, cfg: ModelConfig | None, **extra)
 
 def save_params(directory, cfg: ModelConfig, params: dict, step: int = 0, lora: dict | None = None):
   """Writes `<directory>/<step>/` with state = {'params': params} (host numpy arrays, e.g. an imported
-  Hugging Face model, or imported adapters with their `lora` reference), without the memory orbax would otherwise add: its default numpy handler
-  deep-copies every array before writing, and OCDBT buffers all the written data until the end unless
-  told to close data files at a target size."""
+  Hugging Face model, or imported adapters with their `lora` reference), without the memory orbax
+  would otherwise add: its default numpy handler deep-copies every array before writing, and OCDBT
+  buffers all the written data until the end unless told to close data files at a target size."""
   registry = ocp.type_handlers.create_type_handler_registry(
       (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
       (jax.Array, ocp.type_handlers.ArrayHandler()))

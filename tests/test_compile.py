@@ -130,6 +130,7 @@ def test_every_config_file_and_slice_loads_and_validates():
                    for s in scale.LORA_SLICES]
     for variant, chips in variants:
       config = compile_lib.load_config(variant)
-      validate.check(config, ModelConfig.from_dict(config.model), chips, lora=validate.lora_config(config))
+      validate.check(config, ModelConfig.from_dict(config.model), chips,
+                     lora=validate.lora_config(config))
       checked += 1
   assert checked >= 5 + 4 * 6 + 4 * 3

@@ -84,9 +84,12 @@ def test_adapter_gradients_equal_autodiff_through_the_merged_model():
   def loss(logits):
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
 
-  unmerged = lambda a: loss(Transformer(MODEL, lora=lora).apply({'params': lora_lib.join(base, a)}, TOKENS))
-  merged = lambda a: loss(Transformer(MODEL).apply({'params': lora_lib.merge(lora_lib.join(base, a), lora)},
-                                                   TOKENS))
+  def unmerged(a):
+    return loss(Transformer(MODEL, lora=lora).apply({'params': lora_lib.join(base, a)}, TOKENS))
+
+  def merged(a):
+    return loss(Transformer(MODEL).apply({'params': lora_lib.merge(lora_lib.join(base, a), lora)}, TOKENS))
+
   g1, g2 = jax.jit(jax.grad(unmerged))(ad), jax.jit(jax.grad(merged))(ad)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g2)):
     assert float(jnp.abs(a).max()) > 0, path

@@ -167,7 +167,8 @@ def compile_step(config: Any, topology: Topology, name: str = 'train step') -> R
     attention = attention_lib.resolve(cfg.attention, 'tpu', cfg.dtype)
   lora = run.lora
   # Adam's moments are in the dtype of what trains: the parameters, or float32 LoRA adapters.
-  state_dtype = config.optimizer.get('state_dtype', '') or ('float32' if lora.enabled else cfg.param_dtype)
+  state_dtype = (config.optimizer.get('state_dtype', '')
+                 or ('float32' if lora.enabled else cfg.param_dtype))
   return Report(name, topology, dict(run.mesh.shape), config.train.batch_size, config.train.seq_len,
                 cfg.remat_policy, attention, cfg.param_dtype, state_dtype, *sizes,
                 state=_shard_bytes(state), compile_s=time.perf_counter() - start,
