@@ -37,6 +37,10 @@ class Tokenizer:
     """Id of a piece that is a single token in the vocabulary (e.g. '<|eot_id|>'), else None."""
     raise NotImplementedError
 
+  def control_tokens(self) -> dict[int, str]:
+    """{id: text} of the tokens that `decode` leaves out (BOS, EOS, chat template markers)."""
+    raise NotImplementedError
+
 
 class SentencePieceTokenizer(Tokenizer):
 
@@ -62,6 +66,9 @@ class SentencePieceTokenizer(Tokenizer):
   def token_id(self, piece):
     i = self._sp.piece_to_id(piece)
     return None if i == self._sp.unk_id() and piece != self._sp.id_to_piece(i) else i
+
+  def control_tokens(self):
+    return {i: self._sp.id_to_piece(i) for i in range(self.vocab_size) if self._sp.is_control(i)}
 
 
 class HuggingFaceTokenizer(Tokenizer):
@@ -122,6 +129,9 @@ class HuggingFaceTokenizer(Tokenizer):
 
   def token_id(self, piece):
     return self._tok.token_to_id(piece)
+
+  def control_tokens(self):
+    return {i: t.content for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
 
 def _declared_special_tokens(folder: str) -> dict[str, str | None]:
