@@ -18,6 +18,7 @@ row group expanded by a tf.data function: a checkpoint holds which row group and
 
 import contextlib
 import glob as local_glob
+import io
 import re
 from concurrent import futures
 from typing import Iterator, Sequence
@@ -148,6 +149,35 @@ def _numbered_records(fmt: str):
   return read
 
 
+class RemoteFile(io.RawIOBase):
+  """A file opened by etils.epath (on gs://, TensorFlow's GFile), as pyarrow wants one: GFile has
+  no `closed`, which pyarrow checks before every read."""
+
+  def __init__(self, f):
+    super().__init__()
+    self._f = f
+
+  def readable(self):
+    return True
+
+  def seekable(self):
+    return True
+
+  def read(self, size=-1):
+    return self._f.read(size)
+
+  def readinto(self, buffer):
+    data = self._f.read(len(buffer))
+    buffer[:len(data)] = data
+    return len(data)
+
+  def seek(self, offset, whence=io.SEEK_SET):
+    return self._f.seek(offset, whence)
+
+  def tell(self):
+    return self._f.tell()
+
+
 @contextlib.contextmanager
 def open_parquet(path: str):
   """A pyarrow ParquetFile, local or remote (through etils.epath); one that cannot be read as
@@ -155,7 +185,7 @@ def open_parquet(path: str):
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   with contextlib.ExitStack() as stack:
-    f = stack.enter_context(epath.Path(path).open('rb')) if '://' in path else path
+    f = RemoteFile(stack.enter_context(epath.Path(path).open('rb'))) if '://' in path else path
     try:
       parquet = pq.ParquetFile(f)
     except (pa.ArrowException, OSError) as e:

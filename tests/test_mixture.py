@@ -13,6 +13,7 @@ from configs import sft_tiny, tiny
 from data import config as data_config
 from data import demo_corpus, mixture
 from data import inspect as inspect_lib
+from data.iterator import DatasetIterator
 from data.pretrain import PretrainData
 from data.sft import SFTData
 from tests.cli import run_cli
@@ -50,7 +51,7 @@ def mixture_config(demo_data, root, weights=None):
 
 
 def _sources_of_rows(data, shard_index, shard_count, batches, batch_size=50):
-  it = inspect_lib.DatasetIterator(data.dataset('train', shard_index, shard_count, batch_size))
+  it = DatasetIterator(data.dataset('train', shard_index, shard_count, batch_size))
   return np.concatenate([next(it)['source'] for _ in range(batches)])
 
 
