@@ -5,8 +5,7 @@ tokenize, pack) and instruction tuning (template + tokenize up front, then greed
   python -m data.benchmark --train_files=my/*.jsonl --parquet_files=my/*.parquet --tokenizer=my.model
 
 Without files it builds the demo corpus (the Python documentation of this interpreter), the same
-documents as Parquet (row groups of 1,000 rows, as `datasets` writes them) and a SentencePiece
-tokenizer in a temporary folder. Throughput counts every row slot delivered (B x T per
+documents as Parquet (row groups of 1,000 rows) and a SentencePiece tokenizer in a temporary folder. Throughput counts every row slot delivered (B x T per
 batch) and, separately, the slots holding real tokens (not padding): what the train step receives.
 """
 
