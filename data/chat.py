@@ -41,15 +41,15 @@ from etils import epath
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from data import records
+from data.tokenizer import CHAT_SPECIAL_TOKENS as _MARKERS
 from data.tokenizer import Tokenizer, load_tokenizer
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'chat_templates')
-_LLAMA3 = ('<|start_header_id|>', '<|end_header_id|>', '<|eot_id|>')
-_CHATML = ('<|im_start|>', '<|im_end|>')
-# The built-in templates (TEMPLATE_DIR/NAME.jinja) and the special tokens each writes, which the
-# tokenizer must have as special tokens (as text they would mean nothing to the model).
-BUILTIN = {'llama2': (), 'llama3': _LLAMA3, 'llama3.1': _LLAMA3, 'mistral': (),
-           'mistral-v3': ('[INST]', '[/INST]'), 'chatml': _CHATML, 'qwen2.5': _CHATML, 'alpaca': ()}
+# The built-in templates (TEMPLATE_DIR/NAME.jinja) and the special tokens each needs the tokenizer to
+# have as special tokens (as text they would mean nothing to the model).
+BUILTIN = {'llama2': (), 'llama3': _MARKERS['llama3'], 'llama3.1': _MARKERS['llama3'], 'mistral': (),
+           'mistral-v3': _MARKERS['mistral-v3'], 'chatml': _MARKERS['chatml'],
+           'qwen2.5': _MARKERS['chatml'], 'alpaca': ()}
 # Without data.chat_template: the tokenizer folder's own template, or else this one.
 FALLBACK = 'llama2'
 _GENERATION_TAG = re.compile(r'\{%-?\s*generation\s*-?%\}')  # as transformers detects them
@@ -384,7 +384,7 @@ def load_template(spec: str, tokenizer: Tokenizer, template_name: str = '', vari
   specials = tokenizer.special_tokens()
   missing = [t for t in BUILTIN.get(spec, ()) if t not in specials]
   if missing:
-    raise ChatFormatError(f'chat template {spec} writes the special tokens {missing}, which tokenizer '
+    raise ChatFormatError(f'chat template {spec} needs the special tokens {missing}, which tokenizer '
                           f'{tokenizer.path} does not have as special tokens')
   logging.info('Chat template: %s%s', name, ' (one example per assistant message)' if per_turn else '')
   return template

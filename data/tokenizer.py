@@ -417,6 +417,7 @@ BPE_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{
 CHAT_SPECIAL_TOKENS = {
     'llama3': ('<|begin_of_text|>', '<|start_header_id|>', '<|end_header_id|>', '<|eot_id|>'),
     'chatml': ('<|im_start|>', '<|im_end|>'),
+    'mistral-v3': ('[INST]', '[/INST]'),
 }
 
 

@@ -420,7 +420,7 @@ def test_bad_templates_and_conversations(tokenizers, tmp_path):
     chat.load_template('llama2', tokenizers['qwen'][0]).examples(CHAT)
   # The special tokens a built-in writes must be the tokenizer's.
   with pytest.raises(chat.ChatFormatError,
-                     match=r"mistral-v3 writes the special tokens \['\[INST\]', '\[/INST\]'\]"):
+                     match=r"mistral-v3 needs the special tokens \['\[INST\]', '\[/INST\]'\]"):
     chat.load_template('mistral-v3', tokenizers['hf'][0])
   for messages, error in (([], 'non-empty list'), ([{'role': 'user'}], 'message 0 must be an object'),
                           ([U('a'), A('  ')], 'message 1 is an empty assistant answer')):

@@ -164,8 +164,9 @@ def test_trained_bpe_tokenizer_loads_here_and_in_transformers(tmp_path):
               '<|eot_id|>', '<|im_start|>', '<|im_end|>', '<|pad|>']
   assert sorted(tok.token_id(t) for t in specials) == list(range(700 - 8, 700))  # the last, as in Llama 3
   for name in ('llama3', 'chatml'):
-    ids, mask = chat.get_template(name).encode(tok, CHAT)
-    assert tok.token_id(chat.get_template(name).stop_tokens[0]) in ids and sum(mask) > 10
+    template = chat.load_template(name, tok)
+    [(ids, mask, *_)] = template.examples(CHAT)
+    assert template.stop_ids[0] in ids and sum(mask) > 10
   reference = _same_ids_in_transformers(tok, out.parent)
   assert (reference.bos_token, reference.eos_token) == ('<|begin_of_text|>', '<|end_of_text|>')
   qwen = train_bpe(corpus(60), str(tmp_path / 'qwen' / 'tokenizer.json'), 500, ['<|im_start|>', '<|im_end|>'],
