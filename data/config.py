@@ -36,7 +36,13 @@ def get_config() -> ml_collections.ConfigDict:
       max_record_bytes=16 << 20,  # a larger record (line, or file in "files" format) is bad input
       skip_bad_records=False,  # False: stop at the first bad record; True: skip and count them
       # Instruction tuning (train.sft) only:
-      chat_template='llama2',  # llama2 | llama3 | chatml | mistral | alpaca (data/chat.py)
+      # A built-in name (llama2, llama3, llama3.1, mistral, mistral-v3, chatml, qwen2.5, alpaca),
+      # 'tokenizer' (the template in the tokenizer's folder) or a .jinja file; '': the tokenizer
+      # folder's own template if it has one, else llama2 (data/chat.py).
+      chat_template='',
+      chat_template_name='',   # with 'tokenizer': which of the folder's named templates ('': default)
+      chat_template_kwargs='',  # extra template variables, a JSON object: '{"date_string": "01 Jan 2025"}'
+      chat_per_turn=False,     # one example per assistant message (templates that re-render earlier turns)
       fields=ml_collections.ConfigDict(dict(  # field names in the records
           instruction='instruction', input='input', output='output', messages='messages',
           role='role', content='content', prompt='prompt', completion='completion')),

@@ -124,7 +124,7 @@ class SFTData:
     self.config = data_config
     self.seq_len = seq_len
     self.tokenizer = load_tokenizer(data_config.tokenizer)
-    self.template = chat.get_template(data_config.chat_template)
+    self.template = chat.from_config(data_config, self.tokenizer)
     self.counts = records.Counters()
     self.sources = mixture.sources(data_config)
     self._train_iterator = None
@@ -138,6 +138,7 @@ class SFTData:
       if cfg.overlong not in OVERLONG_POLICIES:
         raise ValueError(f'config.data.overlong must be one of {OVERLONG_POLICIES}, got '
                          f'{cfg.overlong!r}')
+      empty_before = self.counts.snapshot().get('train_empty_mask', 0)
       train, held_out = self._load(cfg, cfg.train_files, 'train')
       if cfg.eval_files:
         held_out = self._load(cfg, cfg.eval_files, 'eval')[0]
@@ -147,7 +148,10 @@ class SFTData:
         logging.info('SFT data, source %s: %d train and %d eval examples', source.name, len(train),
                      len(held_out))
       if not train:
-        raise BadRecord(f'no usable training examples in {cfg.train_files}')
+        empty = self.counts.snapshot().get('train_empty_mask', 0) - empty_before
+        raise BadRecord(f'no usable training examples in {cfg.train_files}' + (
+            f': the loss masks of all {empty} are empty (chat template {self.template.name}; does any '
+            'message have the role "assistant"?)' if empty else ''))
     self.train_examples = [e for examples in self.train_sets for e in examples]
     self.eval_examples = [e for examples in self.eval_sets for e in examples]
     logging.info('SFT data: %d train and %d eval examples; %s', len(self.train_examples),
@@ -173,7 +177,7 @@ class SFTData:
         error = record if isinstance(record, BadRecord) else None  # already names its place
         if error is None:
           try:
-            ids, mask = self.template.encode(self.tokenizer, to_messages(record, cfg.format, cfg.fields))
+            rendered = self.template.examples(to_messages(record, cfg.format, cfg.fields))
           except (BadRecord, chat.ChatFormatError) as e:
             error = BadRecord(f'{where}: {e}')
         if error is not None:
@@ -182,13 +186,17 @@ class SFTData:
           self.counts.add(f'{split}_skipped_bad_records')
           logging.warning('Skipping %s', error)
           continue
-        example = self._fit(ids, mask, split, cfg.overlong)
-        if example is None:
-          continue
-        if split == 'train' and not cfg.eval_files and _held_out(where, cfg.eval_fraction):
-          held_out.append(example)
-        else:
-          examples.append(example)
+        for rendered_example in rendered:
+          if not any(rendered_example.mask):  # nothing to learn: no assistant message
+            self.counts.add(f'{split}_empty_mask')
+            continue
+          example = self._fit(rendered_example.ids, rendered_example.mask, split, cfg.overlong)
+          if example is None:
+            continue
+          if split == 'train' and not cfg.eval_files and _held_out(where, cfg.eval_fraction):
+            held_out.append(example)
+          else:
+            examples.append(example)
     return examples, held_out
 
   def _fit(self, ids, mask, split, overlong):
