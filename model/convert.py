@@ -65,10 +65,11 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None, tokenizer: str | 
 
 def export_hf(ckpt: str, out: str, arch: str | None = None, dtype: str = 'bfloat16',
               tokenizer: str | None = None, shard_size: int = 5 * 2**30, chat_template: str = '',
-              log=print) -> dict:
+              template_name: str = '', template_variables: dict | None = None, log=print) -> dict:
   """Writes `out/` that `transformers.AutoModelForCausalLM.from_pretrained(out)` loads. Returns the
-  config.json written. With `chat_template` (needs `tokenizer`), generation_config.json stops at the
-  template's end-of-turn tokens too, as transformers' generate and vLLM read it."""
+  config.json written. With `chat_template` (data/chat.py `load_template`; needs `tokenizer`), the
+  template goes into tokenizer_config.json and generation_config.json stops at its end-of-turn tokens
+  too, as transformers (apply_chat_template, generate) and vLLM read them."""
   log = log or hf.silent
   cfg = params.load_model_config(ckpt)
   arch = arch or ('qwen2' if cfg.qkv_bias else 'llama')
@@ -80,10 +81,12 @@ def export_hf(ckpt: str, out: str, arch: str | None = None, dtype: str = 'bfloat
     check_vocab(tok, cfg.vocab_size)
     bos, eos = tok.bos_id, tok.eos_id
   stop_ids = [eos] if eos is not None else []
+  template = None
   if chat_template:
     if not tokenizer:
       raise ValueError('--chat-template needs --tokenizer (to look up its end-of-turn tokens)')
-    stop_ids = list(dict.fromkeys(chat.get_template(chat_template).stop_ids(tok) + stop_ids))
+    template = chat.load_template(chat_template, tok, template_name, template_variables)
+    stop_ids = list(dict.fromkeys(template.stop_ids + stop_ids))
   hf_config = hf.config_to_hf(cfg, arch, dtype, bos, eos)
   os.makedirs(out, exist_ok=True)
   _, weights = adapters.load_merged_numpy(ckpt, dtype)  # LoRA: merged into the base
@@ -94,6 +97,8 @@ def export_hf(ckpt: str, out: str, arch: str | None = None, dtype: str = 'bfloat
                 {k: v for k, v in generation.items() if v is not None})
   if tokenizer:
     _copy_tokenizer(tokenizer, out, log)
+  if template:
+    write_chat_template(out, template, log)
   log(f'Wrote {out}: {hf.ARCH_CLASSES[arch]}, {dtype}')
   return hf_config
 
@@ -142,6 +147,30 @@ def _copy_tokenizer(path: str, out: str, log):
   log(f'Copied tokenizer files {copied} from {folder}')
 
 
+def write_chat_template(out: str, template: chat.ChatTemplate, log=print):
+  """Puts `template` into out/tokenizer_config.json, where transformers and vLLM find it, with what
+  transformers needs to tokenize it as we did: the named special tokens and, for a SentencePiece
+  model, the LlamaTokenizer class with legacy=False (data/tokenizer.py)."""
+  path = os.path.join(out, 'tokenizer_config.json')
+  config = {}
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      config = json.load(f)
+  for key, value in template.tokenizer.special_tokens_map.items():
+    config.setdefault(key, value)
+  if template.tokenizer.path.endswith('.model'):
+    config.setdefault('tokenizer_class', 'LlamaTokenizer')
+  if config.get('tokenizer_class') in ('LlamaTokenizer', 'LlamaTokenizerFast'):
+    config.setdefault('legacy', False)  # transformers 4 defaulted to True
+  source = template.standalone_source()
+  if isinstance(config.get('chat_template'), list):  # named templates: ours becomes the default
+    source = [t for t in config['chat_template'] if t.get('name') != 'default'] + [
+        {'name': 'default', 'template': source}]
+  config['chat_template'] = source
+  hf.write_json(path, config)
+  log(f'Wrote chat template {template.name} into {path}')
+
+
 # --------------------------------------------------------------------------------------------------
 # Command line
 
@@ -164,8 +193,12 @@ def main(argv):
   elif command == 'import-peft':
     import_peft(FLAGS.adapter_dir, FLAGS.base, FLAGS.out)
   else:
+    try:
+      variables = chat.parse_variables(FLAGS.chat_template_kwargs, '--chat-template-kwargs')
+    except chat.ChatFormatError as e:
+      raise app.UsageError(str(e)) from None
     export_hf(FLAGS.ckpt, FLAGS.out, FLAGS.arch, FLAGS.dtype or 'bfloat16', FLAGS.tokenizer,
-              int(FLAGS.shard_size_gb * 2**30), FLAGS.chat_template)
+              int(FLAGS.shard_size_gb * 2**30), FLAGS.chat_template, FLAGS.chat_template_name, variables)
 
 
 def define_flags():
@@ -187,17 +220,16 @@ def define_flags():
   flags.DEFINE_enum('arch', None, sorted(hf.ARCH_CLASSES), 'export: architecture to write (default: '
                     'qwen2 when the model has q/k/v biases, else llama; mistral and llama are the same '
                     'function for full attention).')
-  flags.DEFINE_string('chat_template', '', 'export: the chat template the model was tuned with '
-                      '(data/chat.py): generation stops at its end-of-turn tokens (written to '
-                      'generation_config.json).')
+  chat.define_template_flags('export: the chat template the model was tuned with (needs --tokenizer): '
+                             'written into tokenizer_config.json, and its end-of-turn tokens into '
+                             'generation_config.json.')
   flags.DEFINE_float('shard_size_gb', 5.0, 'export: largest safetensors file, in GB.')
   flags.DEFINE_string('adapter_dir', None, 'import-peft: a PEFT adapter folder (adapter_config.json, '
                       'adapter_model.safetensors).')
   flags.DEFINE_string('base', None, 'import-peft: the base model\'s checkpoint the adapter was made for.')
   flags.DEFINE_string('base_name', '', 'export-peft: base_model_name_or_path to write (default: the '
                       'base checkpoint\'s path), e.g. the Hugging Face name of the base model.')
-  runtime.dashed_aliases(['hf_dir', 'max_seq_len', 'chat_template', 'shard_size_gb', 'adapter_dir',
-                          'base_name'])
+  runtime.dashed_aliases(['hf_dir', 'max_seq_len', 'shard_size_gb', 'adapter_dir', 'base_name'])
   flags.DEFINE_bool('no-scan-layers', False, 'import: the same as --noscan_layers.')
 
 

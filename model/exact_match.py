@@ -37,18 +37,17 @@ def load_records(path: str, limit: int = 0) -> list[dict]:
   return records
 
 
-def exact_match(generator: Generator, tokenizer, template: chat.Template, records: list[dict],
+def exact_match(generator: Generator, tokenizer, template: chat.ChatTemplate, records: list[dict],
                 max_new_tokens: int = 16, batch_size: int = 64, progress: bool | None = None) -> dict:
   """{'accuracy', 'per_task', 'answers': [(prompt, expected, got)]}. `progress`: a bar of questions
   answered on stderr (None: only on a terminal)."""
-  prompts = [template.prompt_ids(tokenizer, r['messages'][:-1]) for r in records]
+  prompts = [template.prompt_ids(r['messages'][:-1]) for r in records]
   sampling = SamplingConfig(max_new_tokens=max_new_tokens)
   answers = []
   with tqdm.tqdm(total=len(prompts), desc='Answering', unit='question',
                  disable=None if progress is None else not progress) as bar:
     for i in range(0, len(prompts), batch_size):
-      outputs = generator.generate(prompts[i:i + batch_size], sampling, template.stop_ids(tokenizer),
-                                   tokenizer.pad_id)
+      outputs = generator.generate(prompts[i:i + batch_size], sampling, template.stop_ids, tokenizer.pad_id)
       answers += [tokenizer.decode(o).strip() for o in outputs]
       bar.update(len(outputs))
   scores = collections.defaultdict(list)
@@ -75,7 +74,7 @@ def main(argv):
   tokenizer = load_tokenizer(FLAGS.tokenizer)
   records = load_records(FLAGS.data, FLAGS.limit)
   result = exact_match(Generator(model_config, params, lora=lora), tokenizer,
-                       chat.get_template(FLAGS.chat_template), records)
+                       chat.template_from_flags(tokenizer), records)
 
   shown = collections.Counter()
   for record, (question, expected, got) in zip(records, result['answers']):
@@ -97,12 +96,12 @@ def define_flags():
   flags.DEFINE_string('tokenizer', None, 'SentencePiece .model, HF tokenizer.json, or a folder holding '
                       'one.', required=True)
   flags.DEFINE_string('data', None, 'Chat JSONL whose last turns are the answers.', required=True)
-  flags.DEFINE_string('chat_template', None, 'The chat template to prompt with.', required=True)
+  chat.define_template_flags('The chat template to prompt with.', required=True)
   flags.DEFINE_integer('limit', 0, 'Score only the first N records.', lower_bound=0)
   flags.DEFINE_integer('show', 3, 'Print this many answers per task.', lower_bound=0)
   flags.DEFINE_string('label', '', 'Prefix for the printed summary line.')
   flags.DEFINE_string('json_out', '', 'Also write the scores to this JSON file.')
-  runtime.dashed_aliases(['chat_template', 'json_out'])
+  runtime.dashed_aliases(['json_out'])
 
 
 if __name__ == '__main__':

@@ -194,10 +194,10 @@ def main(argv):
   # A LoRA checkpoint runs unmerged, over the base it refers to.
   model_config, lora, params = adapters.load_model(FLAGS.ckpt, mesh, FLAGS.param_dtype or None)
 
-  if FLAGS.chat_template:
-    template = chat.get_template(FLAGS.chat_template)
-    prompts = [template.prompt_ids(tokenizer, chat.conversation(p, FLAGS.system)) for p in FLAGS.prompt]
-    stop_ids = template.stop_ids(tokenizer)
+  template = chat.template_from_flags(tokenizer)
+  if template:
+    prompts = [template.prompt_ids(chat.conversation(p, FLAGS.system)) for p in FLAGS.prompt]
+    stop_ids = template.stop_ids
   else:
     bos = [tokenizer.bos_id] if tokenizer.add_bos else []
     prompts = [bos + tokenizer.encode(p) for p in FLAGS.prompt]
@@ -222,8 +222,9 @@ def define_flags():
   flags.DEFINE_string('tokenizer', None, 'SentencePiece .model, HF tokenizer.json, or a folder holding '
                       'one.', required=True)
   flags.DEFINE_multi_string('prompt', None, 'A prompt; repeat the flag for a batch.', required=True)
-  flags.DEFINE_string('chat_template', '', 'Render each prompt as a user turn of this chat template.')
-  flags.DEFINE_string('system', '', 'System message (with --chat_template).')
+  chat.define_template_flags('Render each prompt as a user turn of this chat template (default: the '
+                             'prompt as plain text).')
+  flags.DEFINE_string('system', '', 'System message (with --chat-template).')
   flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate at most.', lower_bound=1)
   flags.DEFINE_float('temperature', 0.0, '0: greedy.', lower_bound=0.0)
   flags.DEFINE_integer('top_k', 0, 'Sample among the k likeliest tokens (0: all).', lower_bound=0)
@@ -234,7 +235,7 @@ def define_flags():
   flags.DEFINE_enum('param_dtype', '', ['', *DTYPES], 'Cast the parameters to this dtype when loading '
                     '(default: as the checkpoint says, e.g. float32 after training; bfloat16 halves the '
                     'memory).')
-  runtime.dashed_aliases(['chat_template', 'max_new_tokens', 'top_k', 'top_p', 'param_dtype'])
+  runtime.dashed_aliases(['max_new_tokens', 'top_k', 'top_p', 'param_dtype'])
 
 
 if __name__ == '__main__':

@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 
+from data import chat
 from model import Transformer, convert
 from model import hf as hf_lib
 from model import params as params_lib
@@ -34,6 +35,8 @@ ARCHS = {
     'qwen2': (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
 }
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 40))
+CHAT = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'What is a tuple?'},
+        {'role': 'assistant', 'content': 'An immutable sequence.'}]
 
 
 def _hf_model(arch):
@@ -238,3 +241,26 @@ def test_export_of_our_own_model_with_tokenizer_and_chat_template(tmp_path):
   assert hf_tok(text).input_ids == [tok.bos_id] + tok.encode(text)
   generation = json.loads((tmp_path / 'hf' / 'generation_config.json').read_text())
   assert generation['eos_token_id'] == [tok.token_id('<|eot_id|>'), tok.eos_id]
+  # The template is in tokenizer_config.json: transformers renders and tokenizes what we trained on.
+  template = chat.load_template('llama3', tok)
+  assert hf_tok.apply_chat_template(CHAT, return_dict=False) == template.examples(CHAT)[0].ids
+  assert hf_tok.apply_chat_template(CHAT[:2], add_generation_prompt=True,
+                                    return_dict=False) == template.prompt_ids(CHAT[:2])
+
+
+def test_exported_sentencepiece_tokenizer_and_template_tokenize_as_ours(tmp_path):
+  """A SentencePiece model without a tokenizer_config.json (as data.tokenizer trains them): export
+  writes one, with the LlamaTokenizer settings under which transformers tokenizes our renderings."""
+  from data.tokenizer import train_sentencepiece  # pylint: disable=import-outside-toplevel
+  from tests.tokenizers_for_tests import corpus  # pylint: disable=import-outside-toplevel
+  tok = train_sentencepiece(corpus(), str(tmp_path / 'sp' / 'tokenizer.model'), vocab_size=400)
+  out = tmp_path / 'hf'
+  out.mkdir()
+  convert._copy_tokenizer(tok.path, str(out), hf_lib.silent)  # pylint: disable=protected-access
+  template = chat.load_template('llama2', tok, variables={'date_string': '01 Jan 2025'})
+  convert.write_chat_template(str(out), template, hf_lib.silent)
+  hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+  assert type(hf_tok).__name__ == 'LlamaTokenizer'
+  assert hf_tok.apply_chat_template(CHAT, return_dict=False) == template.examples(CHAT)[0].ids
+  assert hf_tok.apply_chat_template(CHAT[:2], add_generation_prompt=True,
+                                    return_dict=False) == template.prompt_ids(CHAT[:2])

@@ -53,8 +53,11 @@ GOOD = json.dumps({'messages': [{'role': 'user', 'content': 'Hi'}, {'role': 'ass
 @pytest.mark.parametrize('bad,error', [
     ('{"messages": [', 'bad.jsonl:2: malformed JSON'),
     ('{"conversation": []}', "bad.jsonl:2: missing field 'messages'"),
-    ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "x"}]}',
-     "bad.jsonl:2: message 1 has unknown role 'bot'"),
+    ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "x"}]}',
+     'bad.jsonl:2: chat template llama2 .*: llama2: after an optional system message, user and assistant '
+     'messages must alternate'),
+    ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant"}]}',
+     'bad.jsonl:2: message 1 must be an object with \'role\' and \'content\''),
     ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}',
      'bad.jsonl:2: message 1 is an empty assistant answer'),
 ])
@@ -67,6 +70,19 @@ def test_bad_records_name_file_and_line(demo_data, sft_files, tmp_path, bad, err
   data = SFTData(cfg.data, SEQ)
   assert len(data.train_examples) == 2
   assert data.stats()['train_skipped_bad_records'] == 1
+
+
+def test_examples_with_nothing_to_learn_are_counted(demo_data, sft_files, tmp_path):
+  """A conversation without an assistant message gives an empty loss mask: counted and left out; when
+  every mask is empty, the run stops and says so."""
+  bot = json.dumps({'messages': [{'role': 'user', 'content': 'Hi'}, {'role': 'bot', 'content': 'Hello'}]})
+  path = _write(tmp_path / 'roles.jsonl', [GOOD, bot, bot])
+  data = SFTData(_config(demo_data, sft_files, train_files=path, eval_files='').data, SEQ)
+  assert len(data.train_examples) == 1 and data.stats() == {'train_empty_mask': 2}
+  path = _write(tmp_path / 'bots.jsonl', [bot, bot])
+  with pytest.raises(BadRecord, match='the loss masks of all 2 are empty .chat template llama2; does any '
+                     'message have the role "assistant"'):
+    SFTData(_config(demo_data, sft_files, train_files=path, eval_files='').data, SEQ)
 
 
 def test_overlong_examples_are_truncated_or_dropped_and_counted(demo_data, sft_files, tmp_path):
@@ -96,7 +112,7 @@ def test_alpaca_and_prompt_completion_formats(demo_data, sft_files, tmp_path):
   cfg = _config(demo_data, sft_files, train_files=pc, eval_files='', format='prompt_completion')
   cfg.data.fields.prompt, cfg.data.fields.completion = 'q', 'a'
   ids, mask = SFTData(cfg.data, SEQ).train_examples[0]
-  assert tok.decode([i for i, m in zip(ids, mask) if m]) == 'Paris'
+  assert tok.decode([i for i, m in zip(ids, mask) if m]) == 'Paris '  # llama2 trains " Paris </s>"
 
 
 def _model_and_batch(demo_data, sft_files):
