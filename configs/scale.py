@@ -20,7 +20,7 @@ from configs import default
 
 # Instruction tuning starts from a pretrained checkpoint (or an imported Hugging Face model).
 SFT = dict(lr=2e-5, warmup_steps=100, weight_decay=0.0, min_lr_ratio=0.0, steps=3000)
-# LoRA trains ~0.5% of the parameters, at the higher learning rate adapters take (QLoRA, torchtune).
+# LoRA trains ~0.5% of the parameters, at a higher learning rate (the QLoRA paper's 2e-4 for 7B).
 LORA = dict(rank=16, alpha=32.0, dropout=0.0, lr=2e-4)
 
 # Slices for LoRA / QLoRA fine-tuning of a 7-8B model (option 'lora'), the same for each of them: the
