@@ -3,6 +3,8 @@
   python -m model.convert import --hf-dir Meta-Llama-3-8B --out ckpt/llama3_8b [--tokenizer DIR]
   python -m model.convert export --ckpt runs/sft --out hf/my-model [--tokenizer DIR] [--arch llama] \
       [--chat-template llama3]
+  python -m model.convert export-peft --ckpt runs/lora --out hf/my-adapter [--base-name NAME]
+  python -m model.convert import-peft --adapter-dir hf/my-adapter --base ckpt/llama3_8b --out ckpt/mine
 
 `import` reads `config.json` and the (sharded) safetensors, derives a ModelConfig (saying which preset it
 matches), and writes `<out>/checkpoints/0/{state,model_config}`: the layout our trainers write, so that
@@ -11,7 +13,11 @@ one copy of the weights in the stored dtype (model/hf.py; docs/huggingface.md ha
 
 `export` is the inverse: safetensors (sharded past --shard-size-gb) plus `config.json` and
 `generation_config.json`, which `transformers` (and vLLM) load as the same architecture, and the
-tokenizer's files. No TensorFlow and no torch are imported.
+tokenizer's files; a LoRA run's adapters are merged into the base weights they were trained on.
+`export-peft` writes a LoRA run's adapters as a PEFT adapter folder, which `peft` loads onto the
+exported base model (`PeftModel.from_pretrained(model, DIR)`); `import-peft` reads one onto a base
+checkpoint, as a LoRA checkpoint (adapters + a reference to the base) that trainers (`init_from`),
+`model.generate` and `model.exact_match` take. No TensorFlow and no torch are imported.
 """
 
 import json
@@ -23,8 +29,9 @@ from absl import app, flags
 
 from data import chat
 from data.tokenizer import check_vocab, load_tokenizer
-from model import hf, params, runtime
+from model import adapters, hf, params, peft, runtime
 from model.config import DTYPES, ModelConfig
+from model.lora import LoraConfig
 
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model')
 
@@ -82,7 +89,7 @@ def export_hf(ckpt: str, out: str, arch: str | None = None, dtype: str = 'bfloat
     stop_ids = list(dict.fromkeys(template.stop_ids + stop_ids))
   hf_config = hf.config_to_hf(cfg, arch, dtype, bos, eos)
   os.makedirs(out, exist_ok=True)
-  weights = params.load_params_numpy(ckpt, cfg, dtype)
+  _, weights = adapters.load_merged_numpy(ckpt, dtype)  # LoRA: merged into the base
   hf.write_weights(out, hf.hf_tensors(weights, cfg, DTYPES[dtype]), shard_size, log)
   hf.write_json(os.path.join(out, 'config.json'), hf_config)
   generation = {'bos_token_id': bos, 'eos_token_id': stop_ids[0] if len(stop_ids) == 1 else (stop_ids or None)}
@@ -94,6 +101,36 @@ def export_hf(ckpt: str, out: str, arch: str | None = None, dtype: str = 'bfloat
     write_chat_template(out, template, log)
   log(f'Wrote {out}: {hf.ARCH_CLASSES[arch]}, {dtype}')
   return hf_config
+
+
+def export_peft(ckpt: str, out: str, base_name: str = '', log=print) -> dict:
+  """Writes the LoRA adapters of `ckpt` as a PEFT adapter folder; returns its adapter_config.json."""
+  log = log or hf.silent
+  ref = params.load_lora_reference(ckpt)
+  if ref is None:
+    raise ValueError(f'{ckpt} holds no LoRA adapters (config.lora.rank was 0): use `export`')
+  cfg = params.load_model_config(ckpt)
+  lora = LoraConfig.from_dict(ref['config'])
+  peft.write(out, adapters.load_adapters_numpy(ckpt, cfg, lora), cfg, lora, base_name or ref['base'])
+  log(f'Wrote {out}: LoRA rank {lora.rank} adapters (PEFT format) for the base model {ref["base"]}')
+  with open(os.path.join(out, peft.CONFIG)) as f:
+    return json.load(f)
+
+
+def import_peft(adapter_dir: str, base: str, out: str, log=print) -> LoraConfig:
+  """Converts a PEFT adapter folder for the base model at `base` (a checkpoint of ours, e.g. imported
+  with `import`) into the LoRA checkpoint `<out>/checkpoints/0`; returns its LoraConfig."""
+  log = log or hf.silent
+  out_dir = os.path.join(out, 'checkpoints')
+  if os.path.exists(os.path.join(out_dir, '0')):
+    raise FileExistsError(f'{out_dir}/0 exists already; choose a new --out')
+  cfg = params.load_model_config(base)
+  lora, weights = peft.read(adapter_dir, cfg, f'--base {base}')
+  base_weights = adapters.load_plain_numpy(base, cfg)
+  params.save_params(out_dir, cfg, weights,
+                     lora=adapters.reference(base, adapters.fingerprint(base_weights), lora))
+  log(f'Wrote {out_dir}/0: LoRA rank {lora.rank} adapters on {lora.targets} over {base}')
+  return lora
 
 
 def _copy_tokenizer(path: str, out: str, log):
@@ -139,7 +176,8 @@ def write_chat_template(out: str, template: chat.ChatTemplate, log=print):
 
 FLAGS = flags.FLAGS  # defined by define_flags() when run as a program
 # Each command and the flags it needs (runtime.parse_command checks them).
-COMMANDS = {'import': ('hf_dir', 'out'), 'export': ('ckpt', 'out')}
+COMMANDS = {'import': ('hf_dir', 'out'), 'export': ('ckpt', 'out'), 'export-peft': ('ckpt', 'out'),
+            'import-peft': ('adapter_dir', 'base', 'out')}
 
 
 def main(argv):
@@ -150,6 +188,10 @@ def main(argv):
     if FLAGS.max_seq_len:
       overrides['max_seq_len'] = FLAGS.max_seq_len
     import_hf(FLAGS.hf_dir, FLAGS.out, FLAGS.dtype, FLAGS.tokenizer, **overrides)
+  elif command == 'export-peft':
+    export_peft(FLAGS.ckpt, FLAGS.out, FLAGS.base_name)
+  elif command == 'import-peft':
+    import_peft(FLAGS.adapter_dir, FLAGS.base, FLAGS.out)
   else:
     try:
       variables = chat.parse_variables(FLAGS.chat_template_kwargs, '--chat-template-kwargs')
@@ -162,9 +204,9 @@ def main(argv):
 def define_flags():
   flags.DEFINE_string('hf_dir', None, 'import: folder with config.json and *.safetensors (e.g. a '
                       '`huggingface-cli download`).')
-  flags.DEFINE_string('ckpt', None, 'export: workdir, checkpoints folder or step folder.')
-  flags.DEFINE_string('out', None, 'import: output folder (the checkpoint goes to OUT/checkpoints/0); '
-                      'export: the Hugging Face folder to write.')
+  flags.DEFINE_string('ckpt', None, 'export, export-peft: workdir, checkpoints folder or step folder.')
+  flags.DEFINE_string('out', None, 'import, import-peft: output folder (the checkpoint goes to '
+                      'OUT/checkpoints/0); export, export-peft: the Hugging Face folder to write.')
   flags.DEFINE_enum('dtype', None, sorted(DTYPES), 'import: parameter dtype stored (default: config.json '
                     'torch_dtype, e.g. bfloat16; trainers cast to their own param_dtype when they load). '
                     'export: dtype of the safetensors (default bfloat16).')
@@ -182,7 +224,12 @@ def define_flags():
                              'written into tokenizer_config.json, and its end-of-turn tokens into '
                              'generation_config.json.')
   flags.DEFINE_float('shard_size_gb', 5.0, 'export: largest safetensors file, in GB.')
-  runtime.dashed_aliases(['hf_dir', 'max_seq_len', 'shard_size_gb'])
+  flags.DEFINE_string('adapter_dir', None, 'import-peft: a PEFT adapter folder (adapter_config.json, '
+                      'adapter_model.safetensors).')
+  flags.DEFINE_string('base', None, 'import-peft: the base model\'s checkpoint the adapter was made for.')
+  flags.DEFINE_string('base_name', '', 'export-peft: base_model_name_or_path to write (default: the '
+                      'base checkpoint\'s path), e.g. the Hugging Face name of the base model.')
+  runtime.dashed_aliases(['hf_dir', 'max_seq_len', 'shard_size_gb', 'adapter_dir', 'base_name'])
   flags.DEFINE_bool('no-scan-layers', False, 'import: the same as --noscan_layers.')
 
 

@@ -17,8 +17,7 @@ from absl import app, flags
 
 from data import chat
 from data.tokenizer import load_tokenizer
-from model import params as params_lib
-from model import runtime
+from model import adapters, runtime
 from model.generate import Generator, SamplingConfig
 
 
@@ -71,12 +70,11 @@ FLAGS = flags.FLAGS  # defined by define_flags() when run as a program
 def main(argv):
   runtime.no_positional_arguments(argv)
   runtime.setup(keep_freed_memory=False)
-  model_config = params_lib.load_model_config(FLAGS.ckpt)
-  params = params_lib.load_params(FLAGS.ckpt, params_lib.abstract_params_on(model_config))
+  model_config, lora, params = adapters.load_model(FLAGS.ckpt)  # LoRA checkpoints: unmerged
   tokenizer = load_tokenizer(FLAGS.tokenizer)
   records = load_records(FLAGS.data, FLAGS.limit)
-  result = exact_match(Generator(model_config, params), tokenizer, chat.template_from_flags(tokenizer),
-                       records)
+  result = exact_match(Generator(model_config, params, lora=lora), tokenizer,
+                       chat.template_from_flags(tokenizer), records)
 
   shown = collections.Counter()
   for record, (question, expected, got) in zip(records, result['answers']):

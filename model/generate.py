@@ -25,9 +25,11 @@ from absl import app, flags
 
 from data import chat
 from data.tokenizer import check_vocab, load_tokenizer
+from model import adapters
 from model import params as params_lib
 from model import runtime, sharding
 from model.config import DTYPES, ModelConfig
+from model.lora import LoraConfig
 from model.transformer import Transformer
 
 
@@ -78,10 +80,12 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16):
 class Generator:
   """Generates continuations with fixed parameters. Compiles once per (batch, prompt bucket, length)."""
 
-  def __init__(self, model_config: ModelConfig, params, mesh=None, rules=None):
+  def __init__(self, model_config: ModelConfig, params, mesh=None, rules=None,
+               lora: LoraConfig = LoraConfig()):
+    """`lora`: the params hold LoRA adapters (model/lora.py), applied unmerged."""
     self.config = model_config
     self.params = params
-    self.model = Transformer(model_config, decode=True)
+    self.model = Transformer(model_config, decode=True, lora=lora)
     self._mesh, self._rules = mesh, rules
     self._compiled = {}  # ahead-of-time compiled executables, see `compile`
 
@@ -179,18 +183,16 @@ FLAGS = flags.FLAGS  # defined by define_flags() when run as a program
 def main(argv):
   runtime.no_positional_arguments(argv)
   runtime.setup(keep_freed_memory=False)
-  model_config = params_lib.load_model_config(FLAGS.ckpt)
-  if FLAGS.param_dtype:
-    model_config = dataclasses.replace(model_config, param_dtype=FLAGS.param_dtype)
   tokenizer = load_tokenizer(FLAGS.tokenizer)
   try:
-    check_vocab(tokenizer, model_config.vocab_size)
+    check_vocab(tokenizer, params_lib.load_model_config(FLAGS.ckpt).vocab_size)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   mesh = None
   if FLAGS.mesh:
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, map(int, FLAGS.mesh.split(',')))))
-  params = params_lib.load_params(FLAGS.ckpt, params_lib.abstract_params_on(model_config, mesh))
+  # A LoRA checkpoint runs unmerged, over the base it refers to.
+  model_config, lora, params = adapters.load_model(FLAGS.ckpt, mesh, FLAGS.param_dtype or None)
 
   template = chat.template_from_flags(tokenizer)
   if template:
@@ -200,7 +202,7 @@ def main(argv):
     bos = [tokenizer.bos_id] if tokenizer.add_bos else []
     prompts = [bos + tokenizer.encode(p) for p in FLAGS.prompt]
     stop_ids = [tokenizer.eos_id]
-  generator = Generator(model_config, params, mesh, sharding.LOGICAL_AXIS_RULES)
+  generator = Generator(model_config, params, mesh, sharding.LOGICAL_AXIS_RULES, lora)
   sampling = SamplingConfig(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
                             FLAGS.seed, vocab_limit=tokenizer.vocab_size)
   compile_s = generator.compile(prompts, sampling, stop_ids, tokenizer.pad_id)

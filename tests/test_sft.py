@@ -199,7 +199,7 @@ def test_sft_from_checkpoint_resumes_exactly(demo_data, sft_files, pretrained, t
   # Starting parameters are the pretraining run's, not a random init.
   run = run_lib.Run(_config(demo_data, sft_files))
   start = params_lib.load_params(pretrained, run.abstract_state().params)
-  fresh = checkpoint.params_from(pretrained)(run)
+  fresh = checkpoint.params_from(pretrained)(run).params
   for x, y in zip(jax.tree.leaves(start), jax.tree.leaves(fresh)):
     np.testing.assert_array_equal(x, y)
 
