@@ -173,13 +173,27 @@ class Generator:
     return results
 
 
+def compute_dtype(name: str | None = None) -> str:
+  """`name`, or this machine's default compute dtype for running a model: float32 on CPU (the numbers
+  a float32 reference computes; a CPU has no faster bfloat16 matmuls), bfloat16 on accelerators."""
+  return name or ('float32' if jax.default_backend() == 'cpu' else 'bfloat16')
+
+
+def define_dtype_flag(help_prefix: str = ''):
+  """--dtype, the compute dtype, for every command that runs a model (see `compute_dtype`)."""
+  flags.DEFINE_enum('dtype', None, sorted(DTYPES), help_prefix + 'Compute dtype of the model '
+                    '(default: float32 on CPU, bfloat16 on GPU/TPU; the checkpoint\'s own setting is '
+                    'for training).')
+
+
 FLAGS = flags.FLAGS  # defined by define_flags() when run as a program
 
 
 def main(argv):
   runtime.no_positional_arguments(argv)
   runtime.setup(keep_freed_memory=False)
-  model_config = params_lib.load_model_config(FLAGS.ckpt)
+  model_config = dataclasses.replace(params_lib.load_model_config(FLAGS.ckpt),
+                                     dtype=compute_dtype(FLAGS.dtype))
   if FLAGS.param_dtype:
     model_config = dataclasses.replace(model_config, param_dtype=FLAGS.param_dtype)
   tokenizer = load_tokenizer(FLAGS.tokenizer)
@@ -212,7 +226,8 @@ def main(argv):
   n_tokens = sum(len(o) for o in outputs)
   print(f'{n_tokens} new tokens in {elapsed:.2f} s: {n_tokens / max(elapsed, 1e-9):.1f} tokens/s '
         f'(batch {len(prompts)}, prefill included; compiled in {compile_s:.1f} s, '
-        f'{"mesh " + str(dict(mesh.shape)) if mesh else jax.devices()[0].platform})')
+        f'{"mesh " + str(dict(mesh.shape)) if mesh else jax.devices()[0].platform}, compute '
+        f'{model_config.dtype}, params {model_config.param_dtype})')
 
 
 def define_flags():
@@ -229,6 +244,7 @@ def define_flags():
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
   flags.DEFINE_string('mesh', '', 'data,fsdp,tensor sizes to shard over (e.g. 1,-1,1); default: one '
                       'device.')
+  define_dtype_flag()
   flags.DEFINE_enum('param_dtype', '', ['', *DTYPES], 'Cast the parameters to this dtype when loading '
                     '(default: as the checkpoint says, e.g. float32 after training; bfloat16 halves the '
                     'memory).')
