@@ -12,9 +12,10 @@ import jax
 from jax.sharding import Mesh
 
 from data.batch import BATCH_KEYS
-from model import ModelConfig, Transformer
+from model import Transformer
 from model import sharding
 from train import batches
+from train import checkpoint
 from train import optimizer as optimizer_lib
 from train import state as state_lib
 from train import step as step_lib
@@ -28,7 +29,7 @@ class Run:
     """`devices`: this process's view of every device (default), or compile-only devices."""
     devices = list(devices if devices is not None else jax.devices())
     self.config = config
-    self.model_config = ModelConfig.from_dict(config.model)
+    self.model_config = checkpoint.model_config(config)  # config.model, or init_from's model
     validate.check(config, self.model_config, len(devices), tokenizer_vocab)
     self.mesh: Mesh = sharding.make_mesh(config.mesh, devices)
     self.model = Transformer(self.model_config)
