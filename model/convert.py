@@ -123,7 +123,8 @@ def _copy_tokenizer(path: str, out: str, log):
 # Checking a conversion against the original
 
 # Prompts of `check` when none is given: prose, code and digits, a few dozen positions in all.
-CHECK_PROMPTS = ('The capital of France is', 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""',
+CHECK_PROMPTS = ('The capital of France is',
+                 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""',
                  'In 1969, Neil Armstrong and Buzz Aldrin became the first people to walk on the Moon.')
 # (max |logit difference|, max KL divergence) allowed, by compute dtype. float32 computes what the
 # reference computes up to summation order; bfloat16 rounds every activation (MaxText's checks of
@@ -187,6 +188,7 @@ def check(hf_dir: str, tokens: Sequence[Sequence[int]], ckpt: str | None = None,
   """Compares our logits (of `ckpt`, or of `hf_dir` imported in memory) with transformers' on each
   token sequence; prints a row per position and a summary; returns whether both tolerances hold.
   Without torch and transformers, runs our model alone, then raises ReferenceUnavailable."""
+  log = log or hf.silent
   missing = reference_missing()
   if missing:
     log(f'NOTE: there is no reference to compare with ({missing}); running our model alone')

@@ -179,9 +179,9 @@ def compute_dtype(name: str | None = None) -> str:
   return name or ('float32' if jax.default_backend() == 'cpu' else 'bfloat16')
 
 
-def define_dtype_flag(help_prefix: str = ''):
+def define_dtype_flag():
   """--dtype, the compute dtype, for every command that runs a model (see `compute_dtype`)."""
-  flags.DEFINE_enum('dtype', None, sorted(DTYPES), help_prefix + 'Compute dtype of the model '
+  flags.DEFINE_enum('dtype', None, sorted(DTYPES), 'Compute dtype of the model '
                     '(default: float32 on CPU, bfloat16 on GPU/TPU; the checkpoint\'s own setting is '
                     'for training).')
 

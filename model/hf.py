@@ -104,7 +104,8 @@ def config_from_hf(hf: dict, **overrides) -> tuple[ModelConfig, str, list[str]]:
       n_heads=heads, n_kv_heads=hf.get('num_key_value_heads') or heads,
       head_dim=hf.get('head_dim') or hf['hidden_size'] // heads, mlp_dim=hf['intermediate_size'],
       norm_eps=float(hf.get('rms_norm_eps', 1e-6)), rope_theta=theta, **rope, max_seq_len=max_len,
-      qkv_bias=arch == 'qwen2', qk_norm=arch == 'qwen3', tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+      qkv_bias=arch == 'qwen2', qk_norm=arch == 'qwen3',
+      tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
       init_std=float(hf.get('initializer_range', 0.02)), dtype='bfloat16', param_dtype=dtype)
   values.update(overrides)
   return ModelConfig(**values), arch, notes
