@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from jax.experimental import multihost_utils
 
 from data import chat
 from data.tokenizer import check_vocab, load_tokenizer
@@ -130,9 +131,10 @@ class Generator:
     if not stop_ids:
       raise ValueError('Give at least one stop token id (e.g. the tokenizer EOS)')
     tokens, segments, positions = left_pad(prompts, pad_id)
-    if tokens.shape[1] + sampling.max_new_tokens > self.config.max_seq_len:
-      raise ValueError(f'prompt ({tokens.shape[1]} padded) + max_new_tokens '
-                       f'({sampling.max_new_tokens}) exceeds model.max_seq_len ({self.config.max_seq_len})')
+    longest = max(len(p) for p in prompts)  # padding takes no positions
+    if longest + sampling.max_new_tokens > self.config.max_seq_len:
+      raise ValueError(f'prompt ({longest} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds '
+                       f'model.max_seq_len ({self.config.max_seq_len})')
     stop_ids = tuple(int(i) for i in stop_ids)
     dynamic = (self.params, tokens, segments, positions, jax.random.key(sampling.seed))
     # What the compiled program depends on: the seed is an input, everything else is static.
@@ -156,20 +158,22 @@ class Generator:
     return time.perf_counter() - start
 
   def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-               stop_ids: Sequence[int], pad_id: int = 0) -> list[list[int]]:
-    """New tokens for each prompt, up to (not including) the first stop token."""
+               stop_ids: Sequence[int], pad_id: int = 0, include_stop: bool = False) -> list[list[int]]:
+    """New tokens for each prompt, up to the first stop token (included with `include_stop`)."""
     (params, tokens, segments, positions, rng), key = self._inputs(prompts, sampling, stop_ids, pad_id)
     with self._context():
       if key in self._compiled:
         out, _ = self._compiled[key](params, tokens, segments, positions, rng)
       else:
         out, _ = self._generate(params, tokens, segments, positions, key[1], key[2], rng)
+    if not out.is_fully_addressable:  # several hosts: each gets every row
+      out = multihost_utils.process_allgather(out, tiled=True)
     out = np.asarray(out)
     stops = set(key[-1])
     results = []
     for row in out:
       stop_at = [j for j, t in enumerate(row) if t in stops]
-      results.append(row[:stop_at[0]].tolist() if stop_at else row.tolist())
+      results.append(row[:stop_at[0] + include_stop].tolist() if stop_at else row.tolist())
     return results
 
 
