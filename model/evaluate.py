@@ -39,8 +39,9 @@ from data import config as data_config
 from data.records import BadRecord
 from data.tokenizer import check_vocab, load_tokenizer
 from model import params as params_lib
-from model import runtime, sharding, task_metrics
-from model.generate import Generator
+from model import adapters, runtime, sharding, task_metrics
+from model.config import DTYPES
+from model.generate import Generator, compute_dtype, define_dtype_flag
 
 FLAGS = flags.FLAGS  # defined by define_flags() when run as a program
 # Each command and the flags it needs (runtime.parse_command checks them); without a command, lm-eval.
@@ -48,27 +49,25 @@ COMMANDS = {'lm-eval': ('ckpt', 'tokenizer', 'tasks'), 'generate-metrics': ('ckp
 DEFAULT_COMMAND = 'lm-eval'
 
 
-def load_model(ckpt: str, dtype: str = '', mesh=None):
-  """(ModelConfig, parameters placed on `mesh`) of a checkpoint; `dtype` sets both the parameters'
-  and the computation's. The one place this command loads weights: LoRA checkpoints (model/lora.py,
-  when it lands) load here, and their adapters go to FlaxLM / Generator as model_kwargs."""
-  cfg = params_lib.load_model_config(ckpt)
-  if dtype:
-    cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
-  return cfg, params_lib.load_params(ckpt, params_lib.abstract_params_on(cfg, mesh))
+def load_model(ckpt: str, dtype: str | None = None, param_dtype: str | None = None, mesh=None):
+  """(ModelConfig computing in `dtype` (default: model.generate's, per backend), LoraConfig,
+  parameters placed on `mesh`) of a checkpoint, as model.generate loads it: a LoRA checkpoint's
+  adapters joined with the base they were trained on (checked), to run unmerged."""
+  cfg, lora, params = adapters.load_model(ckpt, mesh, param_dtype or None)
+  return dataclasses.replace(cfg, dtype=compute_dtype(dtype)), lora, params
 
 
 def _model_for(tokenizer):
-  """(ModelConfig, parameters, mesh) of --ckpt, --dtype and --mesh, checked against `tokenizer`."""
+  """(ModelConfig, LoraConfig, parameters, mesh) of --ckpt, --dtype, --param_dtype and --mesh, the
+  vocabulary checked against `tokenizer` before any weights are read."""
+  try:
+    check_vocab(tokenizer, params_lib.load_model_config(FLAGS.ckpt).vocab_size)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   mesh = None
   if FLAGS.mesh:
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, map(int, FLAGS.mesh.split(',')))))
-  cfg, params = load_model(FLAGS.ckpt, FLAGS.dtype, mesh)
-  try:
-    check_vocab(tokenizer, cfg.vocab_size)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
-  return cfg, params, mesh
+  return (*load_model(FLAGS.ckpt, FLAGS.dtype, FLAGS.param_dtype, mesh), mesh)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,7 +86,8 @@ def run_lm_eval():
     raise SystemExit(f'python -m model.evaluate needs lm-eval ({e}): pip install -r requirements-eval.txt')
   # What lm-eval records as the model's arguments; `pretrained` names the output folder.
   model_args = {'pretrained': FLAGS.ckpt, 'tokenizer': FLAGS.tokenizer,
-                **{k: FLAGS[k].value for k in ('dtype', 'mesh', 'chat_template') if FLAGS[k].value}}
+                **{k: FLAGS[k].value for k in ('dtype', 'param_dtype', 'mesh', 'chat_template')
+                   if FLAGS[k].value}}
   task_manager = TaskManager(include_path=FLAGS.include_path or None, metadata=model_args)
   names = [t.strip() for t in FLAGS.tasks.split(',') if t.strip()]
   unknown = [t for t in names if not task_manager.match_tasks([t])]
@@ -104,9 +104,9 @@ def run_lm_eval():
 
   tokenizer = load_tokenizer(FLAGS.tokenizer)
   template = chat.template_from_flags(tokenizer, none_if_unset=False) if FLAGS.apply_chat_template else None
-  cfg, params, mesh = _model_for(tokenizer)
+  cfg, lora, params, mesh = _model_for(tokenizer)
   lm = FlaxLM(cfg, params, tokenizer, template, mesh=mesh, batch_size=FLAGS.batch_size,
-              max_length=FLAGS.max_length, seed=FLAGS.seed,
+              max_length=FLAGS.max_length, seed=FLAGS.seed, lora=lora,
               info={'checkpoint': str(params_lib.resolve_step_dir(FLAGS.ckpt))})
   multiturn = FLAGS.fewshot_as_multiturn
   if multiturn is None:
@@ -152,8 +152,8 @@ def run_generate_metrics():
     prompts, references = task_metrics.prompts_and_references(template, [(w, m) for w, m, _ in records])
   except ValueError as e:
     raise SystemExit(str(e)) from None
-  model_config, params, mesh = _model_for(tokenizer)
-  generator = Generator(model_config, params, mesh, sharding.LOGICAL_AXIS_RULES)
+  model_config, lora, params, mesh = _model_for(tokenizer)
+  generator = Generator(model_config, params, mesh, sharding.LOGICAL_AXIS_RULES, lora)
   answers = task_metrics.generate_answers(generator, tokenizer, prompts, template.stop_ids,
                                           FLAGS.max_new_tokens, FLAGS.batch_size)
   scores, per_example = task_metrics.score(answers, references, metrics)
@@ -211,8 +211,9 @@ def define_flags():
                       'one.')
   flags.DEFINE_integer('batch_size', 16, 'Requests (lm-eval) or prompts (generate-metrics) per batch.',
                        lower_bound=1)
-  flags.DEFINE_enum('dtype', '', ['', 'float32', 'bfloat16'], 'Parameters and computation in this '
-                    'dtype (default: as the checkpoint says).')
+  define_dtype_flag()
+  flags.DEFINE_enum('param_dtype', '', ['', *DTYPES], 'Cast the parameters to this dtype when loading '
+                    '(default: as stored).')
   flags.DEFINE_string('mesh', '', 'data,fsdp,tensor sizes to shard over (e.g. 1,-1,1); default: one '
                       'device.')
   flags.DEFINE_integer('seed', 0, 'lm-eval\'s random seed; sampled generation\'s seed.')
@@ -253,7 +254,8 @@ def define_flags():
   flags.DEFINE_integer('show', 3, 'generate-metrics: print this many answers per task.', lower_bound=0)
   runtime.dashed_aliases(['batch_size', 'num_fewshot', 'include_path', 'apply_chat_template',
                           'fewshot_as_multiturn', 'system_instruction', 'gen_kwargs', 'output_path',
-                          'log_samples', 'bootstrap_iters', 'max_length', 'max_new_tokens', 'json_out'])
+                          'log_samples', 'bootstrap_iters', 'max_length', 'max_new_tokens', 'json_out',
+                          'param_dtype'])
 
 
 if __name__ == '__main__':

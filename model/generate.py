@@ -26,9 +26,11 @@ from jax.experimental import multihost_utils
 
 from data import chat
 from data.tokenizer import check_vocab, load_tokenizer
+from model import adapters
 from model import params as params_lib
 from model import runtime, sharding
 from model.config import DTYPES, ModelConfig
+from model.lora import LoraConfig
 from model.transformer import Transformer
 
 
@@ -79,10 +81,12 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16):
 class Generator:
   """Generates continuations with fixed parameters. Compiles once per (batch, prompt bucket, length)."""
 
-  def __init__(self, model_config: ModelConfig, params, mesh=None, rules=None):
+  def __init__(self, model_config: ModelConfig, params, mesh=None, rules=None,
+               lora: LoraConfig = LoraConfig()):
+    """`lora`: the params hold LoRA adapters (model/lora.py), applied unmerged."""
     self.config = model_config
     self.params = params
-    self.model = Transformer(model_config, decode=True)
+    self.model = Transformer(model_config, decode=True, lora=lora)
     self._mesh, self._rules = mesh, rules
     self._compiled = {}  # ahead-of-time compiled executables, see `compile`
 
@@ -177,24 +181,36 @@ class Generator:
     return results
 
 
+def compute_dtype(name: str | None = None) -> str:
+  """`name`, or this machine's default compute dtype for running a model: float32 on CPU (the numbers
+  a float32 reference computes; a CPU has no faster bfloat16 matmuls), bfloat16 on accelerators."""
+  return name or ('float32' if jax.default_backend() == 'cpu' else 'bfloat16')
+
+
+def define_dtype_flag():
+  """--dtype, the compute dtype, for every command that runs a model (see `compute_dtype`)."""
+  flags.DEFINE_enum('dtype', None, sorted(DTYPES), 'Compute dtype of the model '
+                    '(default: float32 on CPU, bfloat16 on GPU/TPU; the checkpoint\'s own setting is '
+                    'for training).')
+
+
 FLAGS = flags.FLAGS  # defined by define_flags() when run as a program
 
 
 def main(argv):
   runtime.no_positional_arguments(argv)
   runtime.setup(keep_freed_memory=False)
-  model_config = params_lib.load_model_config(FLAGS.ckpt)
-  if FLAGS.param_dtype:
-    model_config = dataclasses.replace(model_config, param_dtype=FLAGS.param_dtype)
   tokenizer = load_tokenizer(FLAGS.tokenizer)
   try:
-    check_vocab(tokenizer, model_config.vocab_size)
+    check_vocab(tokenizer, params_lib.load_model_config(FLAGS.ckpt).vocab_size)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   mesh = None
   if FLAGS.mesh:
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, map(int, FLAGS.mesh.split(',')))))
-  params = params_lib.load_params(FLAGS.ckpt, params_lib.abstract_params_on(model_config, mesh))
+  # A LoRA checkpoint runs unmerged, over the base it refers to.
+  model_config, lora, params = adapters.load_model(FLAGS.ckpt, mesh, FLAGS.param_dtype or None)
+  model_config = dataclasses.replace(model_config, dtype=compute_dtype(FLAGS.dtype))
 
   template = chat.template_from_flags(tokenizer)
   if template:
@@ -204,7 +220,7 @@ def main(argv):
     bos = [tokenizer.bos_id] if tokenizer.add_bos else []
     prompts = [bos + tokenizer.encode(p) for p in FLAGS.prompt]
     stop_ids = [tokenizer.eos_id]
-  generator = Generator(model_config, params, mesh, sharding.LOGICAL_AXIS_RULES)
+  generator = Generator(model_config, params, mesh, sharding.LOGICAL_AXIS_RULES, lora)
   sampling = SamplingConfig(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
                             FLAGS.seed, vocab_limit=tokenizer.vocab_size)
   compile_s = generator.compile(prompts, sampling, stop_ids, tokenizer.pad_id)
@@ -216,7 +232,8 @@ def main(argv):
   n_tokens = sum(len(o) for o in outputs)
   print(f'{n_tokens} new tokens in {elapsed:.2f} s: {n_tokens / max(elapsed, 1e-9):.1f} tokens/s '
         f'(batch {len(prompts)}, prefill included; compiled in {compile_s:.1f} s, '
-        f'{"mesh " + str(dict(mesh.shape)) if mesh else jax.devices()[0].platform})')
+        f'{"mesh " + str(dict(mesh.shape)) if mesh else jax.devices()[0].platform}, compute '
+        f'{model_config.dtype}, params {model_config.param_dtype})')
 
 
 def define_flags():
@@ -234,6 +251,7 @@ def define_flags():
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
   flags.DEFINE_string('mesh', '', 'data,fsdp,tensor sizes to shard over (e.g. 1,-1,1); default: one '
                       'device.')
+  define_dtype_flag()
   flags.DEFINE_enum('param_dtype', '', ['', *DTYPES], 'Cast the parameters to this dtype when loading '
                     '(default: as the checkpoint says, e.g. float32 after training; bfloat16 halves the '
                     'memory).')

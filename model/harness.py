@@ -15,8 +15,8 @@ that scores compare with the numbers people publish (tests/test_evaluate.py chec
   sequences. A row also stops at a token whose text holds a stop sequence: the text after it would be
   cut anyway.
 
-The parameters are whatever the caller loaded (`model_kwargs` go to the Transformer and Generator:
-LoRA adapters, when model/lora.py lands, are passed there). Multi-host: every process reports itself as
+The parameters are whatever the caller loaded: plain weights, or LoRA adapters joined with their
+frozen base (model/adapters.py load_model), run unmerged with their `lora` config. Multi-host: every process reports itself as
 the harness's only one (rank 0 of 1) and runs every request; the harness is deterministic (seeded,
 local data), so every host issues the same computations on the mesh, as SPMD programs need. Write
 files on process 0 only.
@@ -34,6 +34,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from model import sharding
 from model.config import ModelConfig
 from model.generate import Generator, SamplingConfig
+from model.lora import LoraConfig
 from model.scoring import Scorer
 from model.transformer import count_params
 
@@ -49,12 +50,12 @@ class FlaxLM(TemplateLM):
 
   def __init__(self, model_config: ModelConfig, params, tokenizer, template=None, *, mesh=None,
                batch_size: int = 16, max_length: int = 0, max_gen_toks: int = 256, seed: int = 0,
-               info: dict[str, Any] | None = None, **model_kwargs):
+               info: dict[str, Any] | None = None, lora: LoraConfig = LoraConfig()):
     super().__init__()
     self._config, self._tok, self._template = model_config, tokenizer, template
     self._scorer = Scorer(model_config, params, mesh, batch_size=batch_size, max_length=max_length,
-                          **model_kwargs)
-    self._generator = Generator(model_config, params, mesh, sharding.LOGICAL_AXIS_RULES, **model_kwargs)
+                          lora=lora)
+    self._generator = Generator(model_config, params, mesh, sharding.LOGICAL_AXIS_RULES, lora)
     self.batch_size = self._scorer.batch_size
     self._max_gen_toks, self._seed = max_gen_toks, seed
     self._info = {'model_num_parameters': count_params(model_config), 'model_dtype': model_config.dtype,

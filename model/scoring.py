@@ -22,6 +22,7 @@ import tqdm
 
 from model import sharding
 from model.config import ModelConfig
+from model.lora import LoraConfig
 from model.transformer import Transformer
 
 
@@ -34,12 +35,13 @@ class Scorer:
   """Scores (context, continuation) requests with fixed parameters; compiles once per (batch, bucket)."""
 
   def __init__(self, model_config: ModelConfig, params, mesh=None, rules=sharding.LOGICAL_AXIS_RULES,
-               batch_size: int = 16, max_length: int = 0, logits_bytes: int = 2**30, **model_kwargs):
-    """`max_length`: the longest input the model reads (default: model_config.max_seq_len).
-    `model_kwargs` go to the Transformer (LoRA adapters, when model/lora.py lands, pass theirs here)."""
+               batch_size: int = 16, max_length: int = 0, logits_bytes: int = 2**30,
+               lora: LoraConfig = LoraConfig()):
+    """`max_length`: the longest input the model reads (default: model_config.max_seq_len). `lora`:
+    the params hold LoRA adapters over their base (model/lora.py), applied unmerged."""
     self.config, self.params = model_config, params
     self.max_length = max_length or model_config.max_seq_len
-    self.model = Transformer(model_config, **model_kwargs)
+    self.model = Transformer(model_config, lora=lora)
     self._mesh, self._rules = mesh, rules
     shards = 1 if mesh is None else mesh.shape['data'] * mesh.shape['fsdp']
     self.batch_size = -(-batch_size // shards) * shards  # every batch shard gets whole rows

@@ -14,15 +14,17 @@ import os
 
 import numpy as np
 import pytest
-import torch
-import transformers
 from pydoc_data import topics
 
-import lm_eval
-from lm_eval.models.huggingface import HFLM
-from lm_eval.tasks import TaskManager
+torch = pytest.importorskip('torch', reason='torch is not installed (the newest-releases CI set has no '
+                            'CPU build of it)')
+transformers = pytest.importorskip('transformers', reason='transformers is not installed')
 
-from data import chat
+import lm_eval  # pylint: disable=wrong-import-position
+from lm_eval.models.huggingface import HFLM  # pylint: disable=wrong-import-position
+from lm_eval.tasks import TaskManager  # pylint: disable=wrong-import-position
+
+from data import chat  # pylint: disable=wrong-import-position
 from data.tokenizer import load_tokenizer
 from model import convert, task_metrics
 from model.evaluate import load_model
@@ -97,11 +99,11 @@ def models(tmp_path_factory):
 
 def _flax_lm(models, template=None, batch_size=4):
   hf_dir, ckpt, _, _ = models
-  cfg, params = load_model(ckpt, 'float32')
+  cfg, lora, params = load_model(ckpt, 'float32')
   tokenizer = load_tokenizer(hf_dir)
   if template:
     template = chat.load_template(template, tokenizer)
-  return FlaxLM(cfg, params, tokenizer, template, batch_size=batch_size)
+  return FlaxLM(cfg, params, tokenizer, template, batch_size=batch_size, lora=lora)
 
 
 def _evaluate(lm, models, tasks, chat_template=False, num_fewshot=None):

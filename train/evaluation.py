@@ -64,7 +64,7 @@ class GenerationEval:
     self.samples_dir = epath.Path(workdir) / SAMPLES_DIR
     self.primary = primary
     # One generator for the whole run: its compiled programs serve every evaluation.
-    self.generator = Generator(run.model_config, None, run.mesh, sharding.LOGICAL_AXIS_RULES)
+    self.generator = Generator(run.model_config, None, run.mesh, sharding.LOGICAL_AXIS_RULES, run.lora)
 
   def due(self, step: int) -> bool:
     return bool(self.every) and step % self.every == 0

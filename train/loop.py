@@ -18,13 +18,14 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from data.batch import empty_batch
+from model import adapters as adapters_lib
 from model import params as params_lib
 from train import batches as batches_lib
 from train import checkpoint as checkpoint_lib
 from train import evaluation as evaluation_lib
 from train import metrics as metrics_lib
 from train import preemption
-from train import state as state_lib
+from train import validate
 from train import workdir as workdir_lib
 from train.chips import peak_tflops
 from train.run import Run
@@ -106,6 +107,8 @@ class Trainer:
 
     if self.resumed_from is not None:
       self.state, data_state = self.ckpt.restore(self.resumed_from, run.abstract_state())
+      if run.lora.enabled:
+        self._reattach_base()
       if data_state is None:
         logging.warning('Checkpoint %d has no input-pipeline position; data restarts from the '
                         'beginning', self.resumed_from)
@@ -115,12 +118,20 @@ class Trainer:
     # Read the first batch before initialising or compiling anything: bad input fails fast.
     self.first_batch = next(self.train_iter)
     if self.resumed_from is None:
-      params = init_params(run) if init_params else None
-      self.state = state_lib.init_state(run.model_config, run.tx, run.mesh, tcfg.seed, params)
+      start = init_params(run) if init_params else checkpoint_lib.Start()
+      if run.lora.enabled and start.frozen is None:
+        raise validate.ConfigError(f'lora.rank={run.lora.rank} trains adapters over a frozen base '
+                                   'model: set config.init_from to it (a checkpoint or an imported '
+                                   'Hugging Face model)')
+      self.state = run.init_state(start.params, start.frozen)
+      self.ckpt.lora_reference = start.base
     n_params = sum(x.size for x in jax.tree.leaves(self.state.params))
-    logging.info('Model: %s parameters; mesh %s; %d process(es), %d device(s); local batch %d x %d',
-                 f'{n_params:,}', dict(run.mesh.shape), jax.process_count(), jax.device_count(),
-                 local_batch, tcfg.seq_len)
+    frozen = (f' trainable (LoRA rank {run.lora.rank} on {run.lora.targets}) over a frozen base of '
+              f'{sum(x.size for x in jax.tree.leaves(self.state.frozen)):,} values'
+              if run.lora.enabled else '')
+    logging.info('Model: %s parameters%s; mesh %s; %d process(es), %d device(s); local batch %d x %d',
+                 f'{n_params:,}', frozen, dict(run.mesh.shape), jax.process_count(),
+                 jax.device_count(), local_batch, tcfg.seq_len)
 
     self.train_step, self.eval_step = run.train_step(), run.eval_step()
     self.flops_per_step = metrics_lib.train_flops_per_token(run.model_config, tcfg.seq_len) * (
@@ -128,6 +139,18 @@ class Trainer:
     self.peak = peak_tflops()
     self.last: dict[str, float] = {}
     self.eval_history: list[dict] = []
+
+  def _reattach_base(self):
+    """A resumed LoRA run's frozen base, from the checkpoint its adapters refer to (and checked)."""
+    run, step = self.run, self.resumed_from
+    ref = self.ckpt.lora_reference_of(step)
+    if ref is None:
+      raise validate.ConfigError(f'{self.ckpt.directory}/{step} holds no LoRA adapters, but '
+                                 f'config.lora.rank={run.lora.rank}')
+    base = adapters_lib.load_checked_base(ref, run.model_config, run.lora, run.mesh,
+                                          f'{self.ckpt.directory}/{step}')
+    self.state = self.state.replace(frozen=base)
+    self.ckpt.lora_reference = ref
 
   # -- pieces of a step ---------------------------------------------------------------------------
 
@@ -139,9 +162,9 @@ class Trainer:
     """The held-out loss and task metrics due at `step` (all of them at step 0 and when `final`)."""
     every, result = self.config.train.eval_every, {}
     if self.eval_batches and (final or step == 0 or (every and step % every == 0)):
-      result.update(evaluate(self.run, self.eval_step, self.state.params, self.eval_batches))
+      result.update(evaluate(self.run, self.eval_step, self.state.model_params, self.eval_batches))
     if self.generation and (final or step == 0 or self.generation.due(step)):
-      result.update(self.generation(self.state.params, step))
+      result.update(self.generation(self.state.model_params, step))
     if not result:
       return
     self.writer.write(step, result)
@@ -215,6 +238,7 @@ class Trainer:
                             'a row)', step, float(jax.device_get(step_metrics['loss'])), consecutive_skips)
             if consecutive_skips > tcfg.max_consecutive_skips:
               self.ckpt.wait()
+              self.writer.close()  # metrics.jsonl and the TensorBoard events, flushed and closed
               raise TrainingDiverged(
                   f'{consecutive_skips} consecutive steps (up to step {step}) had a non-finite loss or '
                   f'gradient (train.max_consecutive_skips = {tcfg.max_consecutive_skips}). The last '
