@@ -27,7 +27,6 @@ harness as if it were the only process, issuing the same computations on the mes
 prints and writes files.
 """
 
-import dataclasses
 import json
 import os
 
@@ -37,37 +36,15 @@ from absl import app, flags, logging
 from data import chat, instructions
 from data import config as data_config
 from data.records import BadRecord
-from data.tokenizer import check_vocab, load_tokenizer
+from data.tokenizer import load_tokenizer
 from model import params as params_lib
-from model import adapters, runtime, sharding, task_metrics
-from model.config import DTYPES
-from model.generate import Generator, compute_dtype, define_dtype_flag
+from model import runtime, sharding, task_metrics
+from model.generate import Generator, define_model_flags, model_from_flags
 
 FLAGS = flags.FLAGS  # defined by define_flags() when run as a program
 # Each command and the flags it needs (runtime.parse_command checks them); without a command, lm-eval.
 COMMANDS = {'lm-eval': ('ckpt', 'tokenizer', 'tasks'), 'generate-metrics': ('ckpt', 'tokenizer', 'data')}
 DEFAULT_COMMAND = 'lm-eval'
-
-
-def load_model(ckpt: str, dtype: str | None = None, param_dtype: str | None = None, mesh=None):
-  """(ModelConfig computing in `dtype` (default: model.generate's, per backend), LoraConfig,
-  parameters placed on `mesh`) of a checkpoint, as model.generate loads it: a LoRA checkpoint's
-  adapters joined with the base they were trained on (checked), to run unmerged."""
-  cfg, lora, params = adapters.load_model(ckpt, mesh, param_dtype or None)
-  return dataclasses.replace(cfg, dtype=compute_dtype(dtype)), lora, params
-
-
-def _model_for(tokenizer):
-  """(ModelConfig, LoraConfig, parameters, mesh) of --ckpt, --dtype, --param_dtype and --mesh, the
-  vocabulary checked against `tokenizer` before any weights are read."""
-  try:
-    check_vocab(tokenizer, params_lib.load_model_config(FLAGS.ckpt).vocab_size)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
-  mesh = None
-  if FLAGS.mesh:
-    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, map(int, FLAGS.mesh.split(',')))))
-  return (*load_model(FLAGS.ckpt, FLAGS.dtype, FLAGS.param_dtype, mesh), mesh)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,7 +81,7 @@ def run_lm_eval():
 
   tokenizer = load_tokenizer(FLAGS.tokenizer)
   template = chat.template_from_flags(tokenizer, none_if_unset=False) if FLAGS.apply_chat_template else None
-  cfg, lora, params, mesh = _model_for(tokenizer)
+  cfg, lora, params, mesh = model_from_flags(tokenizer)
   lm = FlaxLM(cfg, params, tokenizer, template, mesh=mesh, batch_size=FLAGS.batch_size,
               max_length=FLAGS.max_length, seed=FLAGS.seed, lora=lora,
               info={'checkpoint': str(params_lib.resolve_step_dir(FLAGS.ckpt))})
@@ -152,7 +129,7 @@ def run_generate_metrics():
     prompts, references = task_metrics.prompts_and_references(template, [(w, m) for w, m, _ in records])
   except ValueError as e:
     raise SystemExit(str(e)) from None
-  model_config, lora, params, mesh = _model_for(tokenizer)
+  model_config, lora, params, mesh = model_from_flags(tokenizer)
   generator = Generator(model_config, params, mesh, sharding.LOGICAL_AXIS_RULES, lora)
   answers = task_metrics.generate_answers(generator, tokenizer, prompts, template.stop_ids,
                                           FLAGS.max_new_tokens, FLAGS.batch_size)
@@ -211,11 +188,7 @@ def define_flags():
                       'one.')
   flags.DEFINE_integer('batch_size', 16, 'Requests (lm-eval) or prompts (generate-metrics) per batch.',
                        lower_bound=1)
-  define_dtype_flag()
-  flags.DEFINE_enum('param_dtype', '', ['', *DTYPES], 'Cast the parameters to this dtype when loading '
-                    '(default: as stored).')
-  flags.DEFINE_string('mesh', '', 'data,fsdp,tensor sizes to shard over (e.g. 1,-1,1); default: one '
-                      'device.')
+  define_model_flags()
   flags.DEFINE_integer('seed', 0, 'lm-eval\'s random seed; sampled generation\'s seed.')
   flags.DEFINE_float('limit', None, 'lm-eval: documents per task (a count, or a fraction below 1; for '
                      'testing); generate-metrics: the first N records.', lower_bound=0)
@@ -254,8 +227,7 @@ def define_flags():
   flags.DEFINE_integer('show', 3, 'generate-metrics: print this many answers per task.', lower_bound=0)
   runtime.dashed_aliases(['batch_size', 'num_fewshot', 'include_path', 'apply_chat_template',
                           'fewshot_as_multiturn', 'system_instruction', 'gen_kwargs', 'output_path',
-                          'log_samples', 'bootstrap_iters', 'max_length', 'max_new_tokens', 'json_out',
-                          'param_dtype'])
+                          'log_samples', 'bootstrap_iters', 'max_length', 'max_new_tokens', 'json_out'])
 
 
 if __name__ == '__main__':

@@ -194,13 +194,31 @@ def define_dtype_flag():
                     'for training).')
 
 
+def load_model(ckpt, dtype: str | None = None, param_dtype: str | None = None, mesh=None):
+  """(ModelConfig computing in `dtype` (default: `compute_dtype()`), LoraConfig, parameters placed on
+  `mesh`) of a checkpoint. A LoRA checkpoint runs unmerged, over the base it refers to."""
+  model_config, lora, params = adapters.load_model(ckpt, mesh, param_dtype or None)
+  return dataclasses.replace(model_config, dtype=compute_dtype(dtype)), lora, params
+
+
+def define_model_flags():
+  """--mesh, --dtype and --param_dtype, which `model_from_flags` reads (model.generate, model.evaluate)."""
+  flags.DEFINE_string('mesh', '', 'data,fsdp,tensor sizes to shard over (e.g. 1,-1,1); default: one '
+                      'device.')
+  define_dtype_flag()
+  flags.DEFINE_enum('param_dtype', '', ['', *DTYPES], 'Cast the parameters to this dtype when loading '
+                    '(default: as the checkpoint says, e.g. float32 after training; bfloat16 halves the '
+                    'memory).')
+  runtime.dashed_aliases(['param_dtype'])
+
+
 FLAGS = flags.FLAGS  # defined by define_flags() when run as a program
 
 
-def main(argv):
-  runtime.no_positional_arguments(argv)
-  runtime.setup(keep_freed_memory=False)
-  tokenizer = load_tokenizer(FLAGS.tokenizer)
+def model_from_flags(tokenizer):
+  """(ModelConfig, LoraConfig, parameters, mesh) of --ckpt, --dtype, --param_dtype and --mesh (flags
+  of this command and model.evaluate), the vocabulary checked against `tokenizer` before any weights
+  are read."""
   try:
     check_vocab(tokenizer, params_lib.load_model_config(FLAGS.ckpt).vocab_size)
   except ValueError as e:
@@ -208,9 +226,14 @@ def main(argv):
   mesh = None
   if FLAGS.mesh:
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, map(int, FLAGS.mesh.split(',')))))
-  # A LoRA checkpoint runs unmerged, over the base it refers to.
-  model_config, lora, params = adapters.load_model(FLAGS.ckpt, mesh, FLAGS.param_dtype or None)
-  model_config = dataclasses.replace(model_config, dtype=compute_dtype(FLAGS.dtype))
+  return (*load_model(FLAGS.ckpt, FLAGS.dtype, FLAGS.param_dtype, mesh), mesh)
+
+
+def main(argv):
+  runtime.no_positional_arguments(argv)
+  runtime.setup(keep_freed_memory=False)
+  tokenizer = load_tokenizer(FLAGS.tokenizer)
+  model_config, lora, params, mesh = model_from_flags(tokenizer)
 
   template = chat.template_from_flags(tokenizer)
   if template:
@@ -249,13 +272,8 @@ def define_flags():
   flags.DEFINE_integer('top_k', 0, 'Sample among the k likeliest tokens (0: all).', lower_bound=0)
   flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling threshold (1: off).', lower_bound=0.0, upper_bound=1.0)
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-  flags.DEFINE_string('mesh', '', 'data,fsdp,tensor sizes to shard over (e.g. 1,-1,1); default: one '
-                      'device.')
-  define_dtype_flag()
-  flags.DEFINE_enum('param_dtype', '', ['', *DTYPES], 'Cast the parameters to this dtype when loading '
-                    '(default: as the checkpoint says, e.g. float32 after training; bfloat16 halves the '
-                    'memory).')
-  runtime.dashed_aliases(['max_new_tokens', 'top_k', 'top_p', 'param_dtype'])
+  define_model_flags()
+  runtime.dashed_aliases(['max_new_tokens', 'top_k', 'top_p'])
 
 
 if __name__ == '__main__':

@@ -27,7 +27,7 @@ from lm_eval.tasks import TaskManager  # pylint: disable=wrong-import-position
 from data import chat  # pylint: disable=wrong-import-position
 from data.tokenizer import load_tokenizer
 from model import convert, task_metrics
-from model.evaluate import load_model
+from model.generate import load_model
 from model.harness import FlaxLM
 from tests.cli import run_cli
 from tests.tokenizers_for_tests import make_hf_tokenizer
@@ -163,6 +163,28 @@ def test_same_results_with_a_chat_template_and_few_shot_turns(models, hf_runs):
   assert context.startswith('<|begin_of_text|><|start_header_id|>user') and context.count('<|eot_id|>') == 5
   # What the harness logs (and hashes) as the template is the template transformers applied.
   assert lm.chat_template(True) == transformers.AutoTokenizer.from_pretrained(models[0]).chat_template
+
+
+def test_a_lora_checkpoint_gives_what_peft_gives_in_the_hf_backend(models, tmp_path):
+  """A PEFT adapter (A and B random) imported as a LoRA checkpoint runs unmerged over its base and
+  scores as lm-eval's hf backend scores the base with the adapter (`peft=`)."""
+  peft = pytest.importorskip('peft')
+  hf_dir, ckpt, _, _ = models
+  torch.manual_seed(1)
+  base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+  peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=16, target_modules=['q_proj', 'v_proj', 'down_proj'],
+                                            init_lora_weights=False, task_type='CAUSAL_LM')).save_pretrained(
+                                                tmp_path / 'adapter')
+  convert.import_peft(str(tmp_path / 'adapter'), ckpt, str(tmp_path / 'lora'), log=None)
+  tasks = ('t_mc', 't_ppl')
+  hf = _evaluate(HFLM(pretrained=hf_dir, peft=str(tmp_path / 'adapter'), dtype='float32', device='cpu',
+                      batch_size=4), models, tasks)
+  cfg, lora, params = load_model(str(tmp_path / 'lora'), 'float32')
+  assert lora.rank == 4
+  ours = _evaluate(FlaxLM(cfg, params, load_tokenizer(hf_dir), batch_size=4, lora=lora), models, tasks)
+  _compare(hf, ours, tasks)
+  plain = _evaluate(_flax_lm(models), models, ('t_ppl',))  # the adapter changes the numbers
+  assert abs(plain['samples']['t_ppl'][0]['resps'][0][0] - ours['samples']['t_ppl'][0]['resps'][0][0]) > 0.1
 
 
 def test_generate_until_stops_at_sequences_and_batches_any_prompt_lengths(models):
