@@ -4,7 +4,7 @@ metrics of its answers to a held-out instruction set.
   python -m model.evaluate --ckpt runs/sft --tokenizer demo/tokenizer.model \\
       --include_path data/eval_tasks --tasks flaxlm_words,flaxlm_docs [--num_fewshot N] [--limit N] \\
       [--apply_chat_template --chat_template llama2] [--batch_size 16] [--output_path OUT --log_samples] \\
-      [--dtype float32|bfloat16] [--mesh 1,-1,1]
+      [--dtype float32|bfloat16] [--param_dtype bfloat16] [--mesh 1,-1,1]
   python -m model.evaluate generate-metrics --ckpt runs/sft --tokenizer demo/tokenizer.model \\
       --data demo/sft_data/eval.jsonl --chat_template llama2 [--format chat] [--metrics exact_match,f1] \\
       [--output answers.jsonl] [--json_out scores.json]

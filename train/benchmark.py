@@ -134,9 +134,9 @@ def benchmark_loglikelihood(config, calls: int = 5) -> dict[str, float]:
   train.seq_len tokens, train.batch_size rows per batch, 4 batches per call; median of `calls`."""
   run = run_lib.Run(config)
   tcfg = config.train
-  params = state_lib.init_state(run.model_config, run.tx, run.mesh, tcfg.seed).params
+  params = run.init_state().model_params  # random; with LoRA, the adapters joined with the base
   scorer = scoring.Scorer(run.model_config, params, run.mesh, batch_size=tcfg.batch_size,
-                          max_length=tcfg.seq_len)
+                          max_length=tcfg.seq_len, lora=run.lora)
   tokens = np.random.default_rng(tcfg.seed).integers(
       0, run.model_config.vocab_size, (4 * scorer.batch_size, tcfg.seq_len + 1)).tolist()
   requests = [(row[:-8], row[-8:]) for row in tokens]  # 8 continuation tokens, as a short answer
