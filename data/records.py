@@ -7,9 +7,11 @@ message starts with `where`; counts of what was skipped or repaired go into a `C
 """
 
 import collections
+import functools
 import json
+import sys
 import threading
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from data.config import UTF8_POLICIES
 
@@ -71,3 +73,16 @@ def lines(f: BinaryIO, path: str) -> Iterator[tuple[str, bytes, int]]:
   for n, line in enumerate(f, 1):
     yield f'{path}:{n}', line.rstrip(b'\r\n'), offset
     offset += len(line)
+
+
+def reporting_bad_input(main: Callable) -> Callable:
+  """The main of a data/ command, for absl's app.run (model/runtime.py, which the other commands
+  use, is out of data/'s reach): bad input (a bad record, a missing or unreadable file, a value the
+  libraries refuse) ends the program with one `error: ...` line and status 1, not a traceback."""
+  @functools.wraps(main)
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except (BadRecord, OSError, ValueError, RuntimeError) as e:  # RuntimeError: SentencePiece's
+      sys.exit(f'error: {e}')
+  return wrapped

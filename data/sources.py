@@ -8,6 +8,7 @@ trainer logs. Paths go through etils.epath (local, or gs:// through TensorFlow's
 """
 
 import glob as local_glob
+import os
 import re
 from typing import Iterator, Sequence
 
@@ -90,7 +91,7 @@ def _cleaner(fmt, text_field, utf8, max_record_bytes, skip_bad_records, counters
   def clean(sources, lines, offsets, raws):
     kept = []
     for source, line, offset, raw in zip(sources, lines, offsets, raws):
-      where = source.decode() + (f':{line + 1}' if line >= 0 else '')
+      where = source.decode('utf-8', 'backslashreplace') + (f':{line + 1}' if line >= 0 else '')
       try:
         text = record_text(raw, where, int(offset), fmt, text_field, utf8, max_record_bytes, counters)
       except BadRecord:
@@ -140,7 +141,8 @@ def documents(fmt: str, files: str, *, text_field: str = 'text', shard_index: in
       rows = rows.repeat()
   else:
     paths, shard_docs = shard_files(resolve_files(files), shard_index, shard_count)
-    file_ds = tf.data.Dataset.from_tensor_slices(paths)
+    # As bytes: a local file name need not be UTF-8, which a TensorFlow string of text must be.
+    file_ds = tf.data.Dataset.from_tensor_slices([os.fsencode(p) for p in paths])
     if seed is not None:
       file_ds = file_ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     if repeat:

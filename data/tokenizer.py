@@ -13,6 +13,8 @@ from typing import Iterable, Sequence
 from absl import app, flags, logging
 from etils import epath
 
+from data import records
+
 
 class Tokenizer:
   """What the pipelines, chat templates and generation need from a tokenizer."""
@@ -45,7 +47,14 @@ class SentencePieceTokenizer(Tokenizer):
     self.path = path
     with _open(path) as f:
       proto = f.read()
-    self._sp = spm.SentencePieceProcessor(model_proto=proto)
+    if not proto:
+      raise ValueError(f'{path} is empty (0 bytes), not a SentencePiece model: was it copied completely?')
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=proto)
+    except RuntimeError:
+      raise ValueError(f'{path} is not a SentencePiece model ({len(proto):,} bytes that do not parse as '
+                       'one); give the tokenizer.model the model was trained with, or a Hugging Face '
+                       'tokenizer.json') from None
     self.vocab_size = self._sp.get_piece_size()
     self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
     # Llama's tokenizer has no pad piece; any id works since padding carries zero loss weight.
@@ -81,7 +90,11 @@ class HuggingFaceTokenizer(Tokenizer):
     import tokenizers  # pylint: disable=import-outside-toplevel
     self.path = path
     with _open(path) as f:
-      self._tok = tokenizers.Tokenizer.from_str(f.read().decode('utf-8'))
+      text = f.read().decode('utf-8', errors='replace')
+    try:
+      self._tok = tokenizers.Tokenizer.from_str(text)
+    except Exception as e:  # pylint: disable=broad-exception-caught  (the Rust parser's error)
+      raise ValueError(f'{path} is not a Hugging Face tokenizer.json ({str(e)[:200] or "empty"})') from None
     # Text never becomes a control token: a document or user message that contains "<|im_end|>" is
     # tokenized as those characters. Templates insert special tokens explicitly (data/chat.py).
     self._tok.encode_special_tokens = True
@@ -237,7 +250,8 @@ if __name__ == '__main__':
                     'lines: a document per line; files: a document per file; jsonl: a `text_field` per line.')
   flags.DEFINE_string('text_field', 'text', 'JSONL field holding the text.')
   flags.DEFINE_string('out', None, 'Output .model path.', required=True)
-  flags.DEFINE_integer('vocab_size', 8000, 'Vocabulary size.')
+  flags.DEFINE_integer('vocab_size', 8000, 'Vocabulary size.', lower_bound=1)
   flags.DEFINE_enum('model_type', 'bpe', ['bpe', 'unigram'], 'SentencePiece algorithm.')
-  flags.DEFINE_integer('max_chars', 200_000_000, 'Stop reading the corpus after this many characters.')
-  sys.exit(app.run(main))
+  flags.DEFINE_integer('max_chars', 200_000_000, 'Stop reading the corpus after this many characters.',
+                       lower_bound=1)
+  sys.exit(app.run(records.reporting_bad_input(main)))

@@ -117,11 +117,16 @@ def main(argv):
   command = runtime.parse_command(argv, COMMANDS)
   runtime.setup(keep_freed_memory=False)
   if command == 'import':
+    if not os.path.isfile(os.path.join(FLAGS.hf_dir, 'config.json')):
+      raise app.UsageError(f'--hf-dir: {FLAGS.hf_dir} holds no config.json (expected a Hugging Face '
+                           'model folder)')
     overrides = {'scan_layers': FLAGS.scan_layers and not FLAGS['no-scan-layers'].value}
     if FLAGS.max_seq_len:
       overrides['max_seq_len'] = FLAGS.max_seq_len
     import_hf(FLAGS.hf_dir, FLAGS.out, FLAGS.dtype, FLAGS.tokenizer, **overrides)
   else:
+    with runtime.flag_error('ckpt'):
+      params.resolve_step_dir(FLAGS.ckpt)
     export_hf(FLAGS.ckpt, FLAGS.out, FLAGS.arch, FLAGS.dtype or 'bfloat16', FLAGS.tokenizer,
               int(FLAGS.shard_size_gb * 2**30), FLAGS.chat_template)
 
@@ -139,7 +144,7 @@ def define_flags():
                       'checked against the vocabulary; export: its files are copied and its BOS/EOS ids '
                       'written into config.json.')
   flags.DEFINE_integer('max_seq_len', None, 'import: override max_seq_len (default: config.json '
-                       'max_position_embeddings).')
+                       'max_position_embeddings).', lower_bound=1)
   flags.DEFINE_bool('scan_layers', True, 'import: layers stacked on axis 0 (--noscan_layers or '
                     '--no-scan-layers: layers_0, layers_1, ...).')
   flags.DEFINE_enum('arch', None, sorted(hf.ARCH_CLASSES), 'export: architecture to write (default: '
@@ -148,11 +153,11 @@ def define_flags():
   flags.DEFINE_string('chat_template', '', 'export: the chat template the model was tuned with '
                       '(data/chat.py): generation stops at its end-of-turn tokens (written to '
                       'generation_config.json).')
-  flags.DEFINE_float('shard_size_gb', 5.0, 'export: largest safetensors file, in GB.')
+  flags.DEFINE_float('shard_size_gb', 5.0, 'export: largest safetensors file, in GB.', lower_bound=0.001)
   runtime.dashed_aliases(['hf_dir', 'max_seq_len', 'chat_template', 'shard_size_gb'])
   flags.DEFINE_bool('no-scan-layers', False, 'import: the same as --noscan_layers.')
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  runtime.run(main)

@@ -11,11 +11,15 @@ scored per task.
 
 import collections
 import json
+import os
 
 import tqdm
 from absl import app, flags
 
+from etils import epath
+
 from data import chat
+from data import records as records_lib
 from data.tokenizer import load_tokenizer
 from model import params as params_lib
 from model import runtime
@@ -23,19 +27,23 @@ from model.generate import Generator, SamplingConfig
 
 
 def load_records(path: str, limit: int = 0) -> list[dict]:
-  records = []
-  with open(path, encoding='utf-8') as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
+  """The chat records of a JSONL file, each checked to end with an assistant turn; problems raise
+  BadRecord naming the file and line."""
+  found = []
+  with epath.Path(path).open('rb') as f:
+    for where, raw, offset in records_lib.lines(f, path):
+      text = records_lib.decode(raw, where, offset)
+      if not text.strip():
         continue
-      record = json.loads(line)
-      messages = record.get('messages')
-      if not messages or messages[-1].get('role') != 'assistant':
-        raise ValueError(f'{path}:{n}: expected "messages" ending with an assistant turn')
-      records.append(record)
-      if limit and len(records) == limit:
+      record = records_lib.parse_json(text, where)
+      messages = record.get('messages') if isinstance(record, dict) else None
+      if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict) or (
+          messages[-1].get('role') != 'assistant'):
+        raise records_lib.BadRecord(f'{where}: expected "messages" ending with an assistant turn')
+      found.append(record)
+      if limit and len(found) == limit:
         break
-  return records
+  return found
 
 
 def exact_match(generator: Generator, tokenizer, template: chat.Template, records: list[dict],
@@ -72,12 +80,18 @@ FLAGS = flags.FLAGS  # defined by define_flags() when run as a program
 def main(argv):
   runtime.no_positional_arguments(argv)
   runtime.setup(keep_freed_memory=False)
-  model_config = params_lib.load_model_config(FLAGS.ckpt)
+  if FLAGS.json_out and not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.json_out))):
+    raise app.UsageError(f'--json-out: the folder of {FLAGS.json_out} does not exist')
+  with runtime.flag_error('chat_template'):
+    template = chat.get_template(FLAGS.chat_template)
+  with runtime.flag_error('data'):
+    records = load_records(FLAGS.data, FLAGS.limit)
+  with runtime.flag_error('tokenizer'):
+    tokenizer = load_tokenizer(FLAGS.tokenizer)
+  with runtime.flag_error('ckpt'):
+    model_config = params_lib.load_model_config(FLAGS.ckpt)
   params = params_lib.load_params(FLAGS.ckpt, params_lib.abstract_params_on(model_config))
-  tokenizer = load_tokenizer(FLAGS.tokenizer)
-  records = load_records(FLAGS.data, FLAGS.limit)
-  result = exact_match(Generator(model_config, params), tokenizer, chat.get_template(FLAGS.chat_template),
-                       records)
+  result = exact_match(Generator(model_config, params), tokenizer, template, records)
 
   shown = collections.Counter()
   for record, (question, expected, got) in zip(records, result['answers']):
@@ -109,4 +123,4 @@ def define_flags():
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  runtime.run(main)

@@ -129,6 +129,10 @@ class Generator:
   def _inputs(self, prompts, sampling: SamplingConfig, stop_ids, pad_id):
     if not stop_ids:
       raise ValueError('Give at least one stop token id (e.g. the tokenizer EOS)')
+    if (sampling.max_new_tokens < 1 or sampling.temperature < 0 or sampling.top_k < 0
+        or not 0 <= sampling.top_p <= 1):
+      raise ValueError(f'{sampling}: max_new_tokens must be >= 1, temperature and top_k >= 0, and '
+                       'top_p in [0, 1]')
     tokens, segments, positions = left_pad(prompts, pad_id)
     if tokens.shape[1] + sampling.max_new_tokens > self.config.max_seq_len:
       raise ValueError(f'prompt ({tokens.shape[1]} padded) + max_new_tokens '
@@ -179,27 +183,37 @@ FLAGS = flags.FLAGS  # defined by define_flags() when run as a program
 def main(argv):
   runtime.no_positional_arguments(argv)
   runtime.setup(keep_freed_memory=False)
-  model_config = params_lib.load_model_config(FLAGS.ckpt)
+  if FLAGS.system and not FLAGS.chat_template:
+    raise app.UsageError('--system needs --chat-template (a system message is a turn of a template)')
+  with runtime.flag_error('ckpt'):
+    model_config = params_lib.load_model_config(FLAGS.ckpt)
   if FLAGS.param_dtype:
     model_config = dataclasses.replace(model_config, param_dtype=FLAGS.param_dtype)
-  tokenizer = load_tokenizer(FLAGS.tokenizer)
-  try:
+  with runtime.flag_error('tokenizer'):
+    tokenizer = load_tokenizer(FLAGS.tokenizer)
     check_vocab(tokenizer, model_config.vocab_size)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
   mesh = None
   if FLAGS.mesh:
-    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, map(int, FLAGS.mesh.split(',')))))
+    with runtime.flag_error('mesh'):
+      sizes = FLAGS.mesh.split(',')
+      if len(sizes) != len(sharding.MESH_AXES) or not all(n.strip().lstrip('-').isdigit() for n in sizes):
+        raise ValueError(f'expected {len(sharding.MESH_AXES)} comma-separated sizes '
+                         f'({",".join(sharding.MESH_AXES)}, -1 for the rest), got {FLAGS.mesh!r}')
+      mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, map(int, sizes))))
   params = params_lib.load_params(FLAGS.ckpt, params_lib.abstract_params_on(model_config, mesh))
 
   if FLAGS.chat_template:
-    template = chat.get_template(FLAGS.chat_template)
+    with runtime.flag_error('chat_template'):
+      template = chat.get_template(FLAGS.chat_template)
     prompts = [template.prompt_ids(tokenizer, chat.conversation(p, FLAGS.system)) for p in FLAGS.prompt]
     stop_ids = template.stop_ids(tokenizer)
   else:
     bos = [tokenizer.bos_id] if tokenizer.add_bos else []
     prompts = [bos + tokenizer.encode(p) for p in FLAGS.prompt]
     stop_ids = [tokenizer.eos_id]
+  if not all(prompts):
+    raise app.UsageError('--prompt: an empty prompt (this tokenizer starts texts without BOS, so it '
+                         'would have no token)')
   generator = Generator(model_config, params, mesh, sharding.LOGICAL_AXIS_RULES)
   sampling = SamplingConfig(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
                             FLAGS.seed, vocab_limit=tokenizer.vocab_size)
@@ -237,4 +251,4 @@ def define_flags():
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  runtime.run(main)

@@ -17,7 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from data.synthetic import synthetic_global_batch
 from model import attention as attention_lib
@@ -169,4 +169,4 @@ def define_flags():
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  runtime.run(main)

@@ -1,21 +1,33 @@
 """Training checkpoints: the train state plus each host's input-pipeline position, saved by orbax.
 
 A step folder (model/params.py defines it) holds `state/` (step, params, optimizer state),
-`model_config/`, and here also `data/` (one blob per host: its input pipeline's position). Orbax
-writes a step to a temporary folder and renames it only when every host has finished, so an
-interrupted save never looks like a checkpoint. Also: the starting parameters of a fine-tuning run
-(`config.init_from`), checked against the config.
+`model_config/`, `checksums.json`, and here also `data/` (one blob per host: its input pipeline's
+position). Orbax writes a step to a temporary folder and renames it only when every host has
+finished; the primary host checksums the finished files in orbax's background thread just before
+that rename (model/checksums.py), so an interrupted save never looks like a checkpoint and a committed
+one always has its manifest. Restores check it. Also: the starting parameters of a fine-tuning run
+(`config.init_from`), checked against the config; and `python -m train.checkpoint verify DIR`.
+
+  python -m train.checkpoint verify runs/tiny [runs/other ...]   # every step of these workdirs
+  python -m train.checkpoint benchmark [--gib 1]                  # checksum speed on this machine
 """
 
 import dataclasses
+import hashlib
+import os
+import tempfile
+import time
+import zlib
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
+from absl import flags, logging
 from etils import epath
+from jax.experimental import multihost_utils
 
-from model import ModelConfig
+from model import ModelConfig, checksums, runtime
 from model import params as params_lib
 from model.config import ARCHITECTURE_FIELDS
 from train import validate
@@ -56,20 +68,29 @@ class DataStateRestore(ocp.args.CheckpointArgs):
   pass
 
 
+class CheckpointNotWritten(IOError):
+  """A save that orbax accepted never reached storage."""
+
+
 class Checkpointer:
   """Saves when asked (asynchronously by default) and keeps the last `keep` checkpoints.
 
-  The caller decides when to save; orbax's own interval logic would also save the first step.
+  The caller decides when to save; orbax's own interval logic would also save the first step. Saves
+  always go through orbax's asynchronous checkpointer, whose commit calls back here to write the
+  manifest; `async_save=False` waits for each save.
   """
 
   def __init__(self, directory: str, keep: int, async_save: bool = True,
                model_config: ModelConfig | None = None):
     self.directory = params_lib.absolute(directory)
     self._unconfirmed: int | None = None  # the last step saved, until it is seen on storage
+    self._saving: int | None = None  # the step of the save in flight
     self._model_config = model_config
+    self._async = async_save
     remove_incomplete(self.directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._write_manifest))
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -79,31 +100,75 @@ class Checkpointer:
     self.wait()  # orbax waits for the previous save anyway; this also checks that it was written
     extra = {DATA: DataStateSave(data_state)} if data_state is not None else {}
     items = params_lib.step_items(ocp.args.StandardSave(state), self._model_config, **extra)
+    self._saving = step  # for the commit callback; orbax saves one step at a time
     saved = self._manager.save(step, args=items, force=True)
     if saved:
       self._unconfirmed = step
+      if not self._async:
+        self.wait()
     return saved
 
+  def _write_manifest(self):
+    """Orbax's commit callback (primary host, background thread): the step's files are complete in
+    their temporary folder (or, on object stores, in place) and not yet committed."""
+    step = self._saving
+    folder = self.directory / f'{step}{params_lib.TMP_MARK}'
+    checksums.write_manifest(folder if folder.exists() else self.directory / str(step))
+
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, bytes | None]:
-    """Restores onto the shardings in `abstract_state` (any mesh), plus this host's data position."""
+    """Restores onto the shardings in `abstract_state` (any mesh), plus this host's data position,
+    while the step's checksums are checked (each host reads its share). Raises DamagedCheckpoint."""
     items = {params_lib.STATE: ocp.args.StandardRestore(abstract_state)}
-    has_data = (self.directory / str(step) / DATA).exists()
+    step_dir = self.directory / str(step)
+    has_data = (step_dir / DATA).exists()
     if has_data:
       items[DATA] = DataStateRestore()
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    restored = params_lib.restore_verified(
+        step_dir, lambda: self._manager.restore(step, args=ocp.args.Composite(**items)),
+        share=(jax.process_index(), jax.process_count()), anywhere=_on_any_host)
     return restored[params_lib.STATE], (restored[DATA] if has_data else None)
 
+  def set_aside(self, step: int) -> str:
+    """Renames a damaged step to `<step>.damaged` (kept for inspection, never listed as a step), so that
+    the run can redo it. Returns the new name."""
+    name = f'{step}.damaged'
+    if jax.process_index() == 0:
+      taken = {p.name for p in self.directory.iterdir()}
+      name = next(n for n in [name] + [f'{name}-{i}' for i in range(2, 1000)] if n not in taken)
+      (self.directory / str(step)).rename(self.directory / name)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'set aside step {step}')
+    self._manager.reload()
+    return name
+
   def wait(self):
-    """Waits for the save in flight. A save that failed in orbax's background threads (which only log
-    the error) raises here, so that a run never ends as if its last checkpoint were written."""
-    self._manager.wait_until_finished()
+    """Waits for the save in flight. A save that failed in orbax's background threads raises here
+    (CheckpointNotWritten, saying why), so that a run never ends as if its last checkpoint were
+    written."""
     step, self._unconfirmed = self._unconfirmed, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      if step is None:
+        raise
+      raise CheckpointNotWritten(self._not_written(step, runtime.describe(e))) from e
     if step is not None and not (self.directory / str(step) / params_lib.STATE).exists():
-      raise IOError(f'The checkpoint of step {step} was not written to {self.directory} (see the '
-                    'errors logged above); the previous complete checkpoint is intact.')
+      raise CheckpointNotWritten(self._not_written(step, 'see the errors logged above'))
+
+  def _not_written(self, step: int, why: str) -> str:
+    saved = params_lib.saved_steps(self.directory)
+    return (f'The checkpoint of step {step} was not written to {self.directory} ({why}). '
+            + (f'The previous complete checkpoint, step {saved[-1]}, is intact: the same command '
+               'resumes from it.' if saved else 'There is no earlier checkpoint.'))
 
   def close(self):
     self._manager.close()
+
+
+def _on_any_host(found: bool) -> bool:
+  if jax.process_count() == 1:
+    return found
+  return bool(np.max(multihost_utils.process_allgather(np.int32(found))))
 
 
 def remove_incomplete(directory: epath.Path) -> list[str]:
@@ -141,3 +206,122 @@ def params_from(path: str) -> Callable:
     logging.info('Initialising parameters from %s', params_lib.resolve_step_dir(path))
     return params_lib.load_params(path, abstract)
   return init_params
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+def step_folders(path) -> list[epath.Path]:
+  """The step folders of a workdir, a checkpoints folder, or a step folder itself, oldest first."""
+  p = params_lib.absolute(path)
+  if (p / params_lib.STATE).exists():
+    return [p]
+  root = p / 'checkpoints' if (p / 'checkpoints').exists() else p
+  steps = params_lib.saved_steps(root)
+  if not steps:
+    raise FileNotFoundError(f'{path}: no checkpoint steps there (expected a workdir, its checkpoints/ '
+                            'folder, or a step folder)')
+  return [root / str(step) for step in steps]
+
+
+def verify_paths(paths) -> bool:
+  """Checks every step of each path against its checksums, one line per step. Returns whether no
+  step is damaged (steps without checksums are reported, not counted as damaged)."""
+  intact = True
+  for path in paths:
+    for step_dir in step_folders(path):
+      start = time.perf_counter()
+      report = checksums.check(step_dir)
+      seconds = time.perf_counter() - start
+      if report.status == 'ok':
+        print(f'{step_dir}: ok ({report.files} files, {report.bytes / 2**20:,.1f} MiB checked in '
+              f'{seconds:.1f} s)')
+      elif report.status == 'unverified':
+        print(f'{step_dir}: unverified: {report.problems[0]}')
+      else:
+        intact = False
+        print(f'{step_dir}: DAMAGED: ' + '; '.join(report.problems[:5])
+              + (f' (and {len(report.problems) - 5} more)' if len(report.problems) > 5 else ''))
+  return intact
+
+
+def _rate(fn, data: bytes, repeat: int = 2) -> float:
+  """Seconds per GiB of `fn` over `data`, in 8 MiB pieces as a checkpoint is read."""
+  pieces = [data[i:i + (8 << 20)] for i in range(0, len(data), 8 << 20)]
+  start = time.perf_counter()
+  for _ in range(repeat):
+    for piece in pieces:
+      fn(piece)
+  return (time.perf_counter() - start) / repeat / (len(data) / 2**30)
+
+
+def benchmark_checksums(gib: float, folder: str) -> list[str]:
+  """Lines of figures: checksum candidates in memory, then the manifest written and checked on a
+  file of `gib` GiB (read from the page cache), and what that means for a 7B training checkpoint."""
+  from model import config as config_lib, count_params  # pylint: disable=import-outside-toplevel
+  sample = np.random.default_rng(0).integers(0, 256, 256 << 20, np.uint8).tobytes()
+  candidates = {'crc32c (google-crc32c, used)': lambda b: checksums.google_crc32c.value(b),
+                'zlib.crc32': zlib.crc32,
+                **{f'hashlib.{name}': (lambda name: lambda b: hashlib.new(name, b).digest())(name)
+                   for name in ('md5', 'sha1', 'sha256', 'blake2b')}}
+  try:
+    import crc32c  # pylint: disable=import-outside-toplevel
+    candidates['crc32c (the crc32c package)'] = crc32c.crc32c
+  except ImportError:
+    pass
+  try:
+    import xxhash  # pylint: disable=import-outside-toplevel
+    candidates['xxh3_64 (xxhash)'] = xxhash.xxh3_64_digest
+  except ImportError:
+    pass
+  lines = [f'{os.cpu_count()} CPU cores; in memory, one thread, 8 MiB pieces:']
+  lines += [f'  {name:30s} {_rate(fn, sample):.3f} s/GiB' for name, fn in candidates.items()]
+  with tempfile.TemporaryDirectory(dir=folder) as tmp:
+    step = epath.Path(tmp) / '0'
+    (step / 'state').mkdir(parents=True)
+    with open(step / 'state' / 'data', 'wb') as f:
+      for _ in range(max(1, round(gib * 4))):
+        f.write(sample)
+    size = (step / 'state' / 'data').stat().length / 2**30
+    start = time.perf_counter()
+    checksums.write_manifest(step)
+    write_s = (time.perf_counter() - start) / size
+    start = time.perf_counter()
+    assert checksums.check(step).status == 'ok'
+    check_s = (time.perf_counter() - start) / size
+  lines.append(f'A {size:.2f} GiB file from the page cache, {checksums.WORKERS} threads: manifest '
+               f'written at {write_s:.3f} s/GiB, checked at {check_s:.3f} s/GiB')
+  params = count_params(config_lib.preset('llama2_7b'))
+  state_gib = params * 12 / 2**30  # float32 parameters and both Adam moments
+  lines.append(f'llama2_7b ({params / 1e9:.2f}B parameters): a training checkpoint (float32 parameters '
+               f'+ Adam moments, {state_gib:.0f} GiB) takes {state_gib * write_s:.0f} s to checksum on '
+               f'this machine (in the background), plus reading it from storage; its bfloat16 '
+               f'parameters alone ({params * 2 / 2**30:.1f} GiB) {params * 2 / 2**30 * check_s:.0f} s')
+  return lines
+
+
+FLAGS = flags.FLAGS  # defined by define_flags() when run as a program
+COMMANDS = {'verify': ('workdir...',), 'benchmark': ()}
+
+
+def main(argv):
+  command = runtime.parse_command(argv, COMMANDS)
+  if command == 'verify':
+    if not verify_paths(argv[2:]):
+      print('Damaged steps are never restored: resume with --config.checkpoint.fall_back_to_intact=True '
+            'to continue from the newest intact step, or point --ckpt / config.init_from at one.')
+      return 1
+    return 0
+  for line in benchmark_checksums(FLAGS.gib, FLAGS.dir or tempfile.gettempdir()):
+    print(line, flush=True)
+  return 0
+
+
+def define_flags():
+  flags.DEFINE_float('gib', 1.0, 'benchmark: size of the file to checksum, in GiB.', lower_bound=0.25)
+  flags.DEFINE_string('dir', '', 'benchmark: folder for that file (default: the temporary folder).')
+
+
+if __name__ == '__main__':
+  define_flags()
+  runtime.run(main)

@@ -1,9 +1,11 @@
 """The training loop shared by `train.pretrain` and `train.sft`.
 
-config -> Run (mesh, model, optimizer) -> state (fresh, from `init_params`, or resumed from the
-workdir) -> jitted step over the host's batches -> periodic eval, logs and checkpoints. The data source
-is the only thing that differs between the entry points. Process setup (logs, jax.distributed, host
-memory) is the entry point's, done before (model/runtime.py).
+workdir lock -> config -> Run (mesh, model, optimizer) -> state (fresh, from `init_params`, or resumed
+from the workdir's newest intact checkpoint) -> jitted step over the host's batches -> periodic eval,
+logs and checkpoints. Everything that can fail on bad input (config, data, tokenizer, checkpoint,
+init_from) is tried before anything is written to the workdir; a finished run is left as it is. The
+data source is the only thing that differs between the entry points. Process setup (logs,
+jax.distributed, host memory) and ending (model/runtime.py) are the entry point's.
 """
 
 import json
@@ -18,6 +20,9 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from data.batch import empty_batch
+from data.records import BadRecord
+from model import checksums
+from model import params as params_lib
 from train import batches as batches_lib
 from train import checkpoint as checkpoint_lib
 from train import metrics as metrics_lib
@@ -76,15 +81,9 @@ class Trainer:
     self.config, self.workdir, self.data = config, workdir, data
     self.run = run = Run(config, tokenizer_vocab=data.vocab_size)
     self.primary = jax.process_index() == 0
-    self.ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint.keep,
-                                            config.checkpoint.async_save, run.model_config)
-    self.resumed_from = self.ckpt.latest_step()
+    checkpoints = os.path.join(workdir, 'checkpoints')
+    self.resumed_from = (params_lib.saved_steps(checkpoints) or [None])[-1]
     workdir_lib.check_config(config, workdir, self.resumed_from is not None)
-    if self.primary:
-      workdir_lib.write_config(workdir, config)
-    self.writer = metrics_lib.MetricWriter(
-        workdir, enabled=self.primary, wandb_project=config.logging.wandb_project,
-        wandb_entity=config.logging.wandb_entity, run_config=json.loads(config.to_json_best_effort()))
 
     tcfg = config.train
     shard_index, shard_count, local_batch = batches_lib.data_shard(run.batch_sharding, tcfg.batch_size)
@@ -92,8 +91,11 @@ class Trainer:
     self.eval_batches = _equalize_eval_batches(
         data.eval_batches(shard_index, shard_count, local_batch, tcfg.eval_max_batches))
 
+    checkpointer = lambda: checkpoint_lib.Checkpointer(checkpoints, config.checkpoint.keep,
+                                                       config.checkpoint.async_save, run.model_config)
     if self.resumed_from is not None:
-      self.state, data_state = self.ckpt.restore(self.resumed_from, run.abstract_state())
+      self.ckpt = checkpointer()
+      self.resumed_from, self.state, data_state = self._restore(self.resumed_from)
       if data_state is None:
         logging.warning('Checkpoint %d has no input-pipeline position; data restarts from the '
                         'beginning', self.resumed_from)
@@ -101,10 +103,18 @@ class Trainer:
         self.train_iter.set_state(data_state)
       logging.info('Resumed from %s at step %d', self.ckpt.directory, self.resumed_from)
     # Read the first batch before initialising or compiling anything: bad input fails fast.
-    self.first_batch = next(self.train_iter)
+    self.first_batch = self._next_batch()
     if self.resumed_from is None:
       params = init_params(run) if init_params else None
       self.state = state_lib.init_state(run.model_config, run.tx, run.mesh, tcfg.seed, params)
+      self.ckpt = checkpointer()
+    # Only now, with the config, data, tokenizer and starting point known to be good, the workdir
+    # gets this run's files.
+    if self.primary:
+      workdir_lib.write_config(workdir, config)
+    self.writer = metrics_lib.MetricWriter(
+        workdir, enabled=self.primary, wandb_project=config.logging.wandb_project,
+        wandb_entity=config.logging.wandb_entity, run_config=json.loads(config.to_json_best_effort()))
     n_params = sum(x.size for x in jax.tree.leaves(self.state.params))
     logging.info('Model: %s parameters; mesh %s; %d process(es), %d device(s); local batch %d x %d',
                  f'{n_params:,}', dict(run.mesh.shape), jax.process_count(), jax.device_count(),
@@ -116,6 +126,37 @@ class Trainer:
     self.peak = peak_tflops()
     self.last: dict[str, float] = {}
     self.eval_history: list[dict] = []
+
+  def _restore(self, step: int):
+    """(step, state, data position) of checkpoint `step`; if it is damaged and
+    checkpoint.fall_back_to_intact is set, of the newest earlier step that is intact (the damaged
+    ones are set aside as `<step>.damaged`)."""
+    while True:
+      try:
+        return (step, *self.ckpt.restore(step, self.run.abstract_state()))
+      except checksums.DamagedCheckpoint as e:
+        if e.fallback is None:
+          raise checksums.DamagedCheckpoint(e.step_dir, e.problems, None, advice=(
+              f'Start again in a new --workdir, or delete {self.ckpt.directory} to train from '
+              'scratch here.')) from None
+        if not self.config.checkpoint.fall_back_to_intact:
+          raise checksums.DamagedCheckpoint(e.step_dir, e.problems, e.fallback, advice=(
+              'To resume from it, run again with --config.checkpoint.fall_back_to_intact=True (the '
+              f'damaged step is kept as {step}.damaged and the steps after {e.fallback.name} are '
+              'trained again).')) from None
+        kept_as = self.ckpt.set_aside(step)
+        logging.warning('%s Kept as %s; resuming from step %s (checkpoint.fall_back_to_intact).', e,
+                        kept_as, e.fallback.name)
+        step = int(e.fallback.name)
+
+  def _next_batch(self):
+    try:
+      return next(self.train_iter)
+    except BadRecord as e:
+      if 'skip_bad_records' in str(e):
+        raise
+      raise BadRecord(f'{e}. Fix or remove that record, or skip (and count) bad records with '
+                      '--config.data.skip_bad_records=True') from None
 
   # -- pieces of a step ---------------------------------------------------------------------------
 
@@ -163,13 +204,46 @@ class Trainer:
     step = int(jax.device_get(self.state.step))
     if step == 0 and tcfg.eval_at_start:
       self.evaluate(0)
+    try:
+      step, stopped_by = self._loop(step)
+    except BaseException as e:
+      self._after_failure(e)
+      raise
+    if stopped_by is None:
+      self.evaluate(step)
+    self.ckpt.wait()
+    self.ckpt.close()
+    self.writer.close()
+    if stopped_by:
+      logging.warning('Stopped at step %d (%s); checkpoint saved in %s. Run the same command to '
+                      'resume.', step, stopped_by, self.ckpt.directory)
+      self.last['stopped_at'] = step
+    if self.primary:
+      workdir_lib.write_json(os.path.join(self.workdir, workdir_lib.FINAL_METRICS),
+                             {'step': step, **self.last})
+    return self.last
+
+  def _after_failure(self, error: BaseException):
+    """Keeps what the run has done: the checkpoint in flight finishes (unless the user interrupted, or
+    it is what failed), and the metrics are flushed. The input pipeline is left running: destroying
+    a tf.data iterator with work in flight can deadlock (model/runtime.py ends the process)."""
+    if not isinstance(error, (KeyboardInterrupt, checkpoint_lib.CheckpointNotWritten)):
+      try:
+        self.ckpt.wait()
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        logging.error('The checkpoint in flight failed too: %s', e)
+    self.writer.close()
+
+  def _loop(self, step: int) -> tuple[int, str | None]:
+    """Steps to `train.steps` or a stop signal; returns the step reached and what stopped it (None:
+    nothing)."""
+    tcfg = self.config.train
     # Timing windows start after the first step, whose time is mostly compilation.
     pending, window_start, window_steps = [], None, 0
     consecutive_skips, last_saved = 0, self.resumed_from
-    stopped_by = None
     with preemption.StopRequest() as stop:
       while step < tcfg.steps:
-        local_batch, self.first_batch = self.first_batch or next(self.train_iter), None
+        local_batch, self.first_batch = self.first_batch or self._next_batch(), None
         batch = self.run.global_batch(local_batch)
         self.state, step_metrics = self.train_step(self.state, batch)
         step += 1
@@ -208,28 +282,25 @@ class Trainer:
           self.save(step)
           last_saved = step
         if stopping:
-          stopped_by = stop.signal_name or 'a signal on another host'
-          break
-
-    if stopped_by is None and (self.resumed_from is None or self.resumed_from < tcfg.steps):
-      self.evaluate(step)
-    self.ckpt.wait()
-    self.ckpt.close()
-    self.writer.close()
-    if stopped_by:
-      logging.warning('Stopped at step %d (%s); checkpoint saved in %s. Run the same command to '
-                      'resume.', step, stopped_by, self.ckpt.directory)
-      self.last['stopped_at'] = step
-    if self.primary:
-      workdir_lib.write_json(os.path.join(self.workdir, 'final_metrics.json'), {'step': step, **self.last})
-    return self.last
+          return step, stop.signal_name or 'a signal on another host'
+    return step, None
 
 
-def train(config: Any, workdir: str, data: DataSource,
+def train(config: Any, workdir: str, data: DataSource | Callable[[], DataSource],
           init_params: Callable[[Run], Any] | None = None) -> dict[str, float]:
-  """Trains to `config.train.steps`, resuming from `workdir` if it holds checkpoints.
+  """Trains to `config.train.steps`, resuming from `workdir` if it holds checkpoints; one run per
+  workdir (workdir.RunLock); a run that has finished already is left as it is.
 
+  `data`: a DataSource, or a function that builds one (called once the workdir is locked).
   `init_params(run)` supplies starting parameters for a fresh run (fine-tuning); a fresh optimizer
-  state is built around them. Returns the last logged metrics.
+  state is built around them. Returns the last logged metrics (a finished run's final metrics).
   """
-  return Trainer(config, workdir, data, init_params).fit()
+  with workdir_lib.RunLock(workdir, take_over=config.train.take_over_lock):
+    final = workdir_lib.finished_run(workdir, config.train.steps)
+    if final is not None:
+      workdir_lib.check_config(config, workdir, has_checkpoint=True)
+      logging.warning('%s finished at step %d already (train.steps = %d): nothing to do, its results '
+                      'are kept. Raise --config.train.steps to train on, or use a new --workdir.',
+                      workdir, final['step'], config.train.steps)
+      return final
+    return Trainer(config, workdir, data() if callable(data) else data, init_params).fit()

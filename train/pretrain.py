@@ -3,7 +3,7 @@
   python -m train.pretrain --config=configs/tiny.py --workdir=runs/tiny [--config.train.steps=100 ...]
 """
 
-from absl import app, flags
+from absl import flags
 
 from data.synthetic import SyntheticData
 from model import runtime
@@ -23,9 +23,9 @@ def main(argv):
   runtime.no_positional_arguments(argv)
   config = FLAGS.config
   runtime.setup(config.distributed)
-  loop.train(config, FLAGS.workdir, make_data(config))
+  loop.train(config, FLAGS.workdir, lambda: make_data(config))
 
 
 if __name__ == '__main__':
   run.define_flags()
-  app.run(main)
+  runtime.run(main)
