@@ -153,7 +153,8 @@ def define_flags():
   flags.DEFINE_string('chat_template', '', 'export: the chat template the model was tuned with '
                       '(data/chat.py): generation stops at its end-of-turn tokens (written to '
                       'generation_config.json).')
-  flags.DEFINE_float('shard_size_gb', 5.0, 'export: largest safetensors file, in GB.', lower_bound=0.001)
+  flags.DEFINE_float('shard_size_gb', 5.0, 'export: largest safetensors file, in GB.')
+  flags.register_validator('shard_size_gb', lambda gb: gb > 0, '--shard-size-gb must be positive')
   runtime.dashed_aliases(['hf_dir', 'max_seq_len', 'chat_template', 'shard_size_gb'])
   flags.DEFINE_bool('no-scan-layers', False, 'import: the same as --noscan_layers.')
 

@@ -229,16 +229,18 @@ def _flip_byte(path, offset):
 
 def test_damaged_checkpoints_are_refused_naming_step_and_file(demo_data, trained, tmp_path):
   """One flipped byte in the parameters, or in the optimizer state; a truncated file; a deleted one:
-  resuming, init_from, generation and the verify command all refuse the step, naming it, the file,
-  and the newest earlier step that is intact."""
+  resuming, init_from, generation, export, exact match and the verify command all refuse the step,
+  naming it, the file, and the newest earlier step that is intact."""
   runs = {}
   for case in ('params', 'opt_state', 'truncated', 'deleted'):
     runs[case] = _copy(trained, tmp_path, case)
   step8 = lambda case: runs[case] / 'checkpoints' / '8'
+  flipped = {}  # case -> the file holding the flipped byte
   for case, key in (('params', 'params.token_embed'), ('opt_state', 'opt_state.1.0.mu.token_embed')):
     path, offset, length = _chunk(step8(case), key)
     _flip_byte(path, offset + length // 2)
-  damaged_file = os.path.relpath(_chunk(step8('params'), 'params.token_embed')[0], step8('params'))
+    flipped[case] = os.path.relpath(path, step8(case))
+  damaged_file = flipped['params']
   with open(step8('truncated') / damaged_file, 'r+b') as f:
     f.truncate(1000)
   os.remove(step8('deleted') / 'model_config' / 'metadata')
@@ -268,21 +270,29 @@ def test_damaged_checkpoints_are_refused_naming_step_and_file(demo_data, trained
                     '--config.data.eval_files=', f'--config.data.tokenizer={demo_data["tokenizer"]}',
                     '--config.train.steps=4'),
       'generate opt_state': generate(runs['opt_state']),
+      'export': ('model.convert', 'export', '--ckpt', runs['params'], '--out', tmp_path / 'hf'),
+      'exact_match': ('model.exact_match', '--ckpt', runs['opt_state'], '--tokenizer',
+                      demo_data['tokenizer'], '--data', sft_files, '--chat-template', 'llama2'),
       'generate deleted': generate(runs['deleted']),
       'generate step 4': generate(runs['deleted'] / 'checkpoints' / '4'),
       'verify': ('train.checkpoint', 'verify', runs['truncated'], trained['workdir']),
   }
   results = dict(zip(commands, _run_all(commands.values())))
-  mismatch = f'{damaged_file}: bytes 0-'
+  mismatch = lambda case: f'{flipped[case]}: bytes 0-'
   for case in ('params', 'opt_state'):
-    _failed(results[f'resume {case}'], f'checkpoint step 8 in {runs[case]}/checkpoints is damaged: {mismatch}',
+    _failed(results[f'resume {case}'],
+            f'checkpoint step 8 in {runs[case]}/checkpoints is damaged: {mismatch(case)}',
             f'newest earlier step that looks intact is {runs[case]}/checkpoints/4',
             '--config.checkpoint.fall_back_to_intact=True')
   _failed(results['resume truncated'], f'{damaged_file} has 1,000 bytes, the manifest says',
           '(truncated)', 'fall_back_to_intact=True')
-  _failed(results['init_from'], f'checkpoint step 8 in {runs["params"]}/checkpoints is damaged: {mismatch}')
+  _failed(results['init_from'],
+          f'checkpoint step 8 in {runs["params"]}/checkpoints is damaged: {mismatch("params")}')
   assert not os.path.exists(tmp_path / 'sft' / 'config.json')  # refused before writing anything
-  _failed(results['generate opt_state'], 'step 8', mismatch, f'{runs["opt_state"]}/checkpoints/4: use it')
+  for command, case in (('generate opt_state', 'opt_state'), ('export', 'params'),
+                        ('exact_match', 'opt_state')):
+    _failed(results[command], 'step 8', mismatch(case), f'{runs[case]}/checkpoints/4: use it')
+  assert not os.path.exists(tmp_path / 'hf' / 'config.json')
   _failed(results['generate deleted'], 'model_config/metadata is missing',
           f'{runs["deleted"]}/checkpoints/4: use it instead')
   assert results['generate step 4'].rc == 0, results['generate step 4']
@@ -456,3 +466,26 @@ def test_a_gs_workdir_is_locked_by_a_create_only_if_absent_object(monkeypatch):
     else:
       with pytest.raises(workdir_lib.WorkdirLocked, match='x, pid 4194305 on host elsewhere'):
         lock.__enter__()
+
+
+def test_checksums_name_the_damaged_block_and_hosts_split_the_reading(tmp_path, monkeypatch):
+  monkeypatch.setattr(checksums, 'BLOCK_BYTES', 1000)  # 64 MiB and 1 MiB in use
+  monkeypatch.setattr(checksums, 'QUICK_BYTES', 100)
+  step = tmp_path / '5'
+  (step / 'state').mkdir(parents=True)
+  (step / 'state' / 'big').write_bytes(bytes(range(256)) * 12)  # 3,072 bytes: 4 blocks
+  (step / 'meta').write_text('{}')
+  manifest = checksums.write_manifest(step)
+  assert [len(f['blocks']) for f in manifest['files'].values()] == [1, 4]
+  assert checksums.check(step).status == 'ok'
+  _flip_byte(step / 'state' / 'big', 2500)
+  problem = 'state/big: bytes 2,000-3,000 do not match their checksum'
+  assert checksums.check(step).problems[0].startswith(problem)
+  # Hosts read every n-th block: exactly one of two finds it; a quick check reads no large file.
+  assert [checksums.check(step, share=(i, 2)).status for i in range(2)] == ['ok', 'damaged']
+  assert checksums.check(step, quick=True).status == 'ok'
+  with pytest.raises(checksums.DamagedCheckpoint, match=f'checkpoint step 5 in {tmp_path} is damaged: '
+                     + problem):
+    checksums.verify(step)
+  os.remove(step / checksums.MANIFEST)
+  assert checksums.check(step).status == 'unverified'

@@ -73,8 +73,9 @@ class TrainingDiverged(RuntimeError):
 
 
 class Trainer:
-  """One training run: state, input iterators, checkpointer and metric writer, built in that order
-  from the config, then `fit()` to step until `config.train.steps` or a stop signal."""
+  """One training run: input iterators, state (resumed or fresh), checkpointer and metric writer,
+  built from the config in that order, so that whatever bad input can fail does before the workdir
+  is written to; then `fit()` steps until `config.train.steps` or a stop signal."""
 
   def __init__(self, config: Any, workdir: str, data: DataSource,
                init_params: Callable[[Run], Any] | None = None):

@@ -164,8 +164,12 @@ class RunLock:
     error = ''
     if jax.process_index() == 0:
       try:
-        self._release = (self._acquire_gcs if str(self.path).startswith('gs://') else
-                         self._acquire_local)()
+        if str(self.path).startswith('gs://'):
+          self._release = self._acquire_gcs()
+        elif is_remote(self.path):
+          logging.warning('%s is not locked: only local and gs:// workdirs can be', self.path.parent)
+        else:
+          self._release = self._acquire_local()
       except WorkdirLocked as e:
         error = str(e)
     if jax.process_count() > 1:  # every host stops if process 0 could not lock
@@ -259,7 +263,13 @@ class RunLock:
       except exceptions.PreconditionFailed:
         self._refuse({})  # another run took it first
     generation = blob.generation
-    return lambda: blob.delete(if_generation_match=generation)
+
+    def release():
+      try:
+        blob.delete(if_generation_match=generation)
+      except exceptions.PreconditionFailed:  # taken over meanwhile: it is the other run's now
+        logging.warning('The lock of %s was taken over by another run', self.path.parent)
+    return release
 
 
 def _parse(text: str) -> dict:
