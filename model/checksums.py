@@ -51,7 +51,7 @@ class Report:
   status: str
   problems: list[str]
   files: int = 0
-  bytes: int = 0
+  size: int = 0  # bytes, all files together
 
 
 def _files(step_dir: epath.Path) -> dict[str, epath.Path]:
@@ -163,10 +163,3 @@ def check(step_dir, share: tuple[int, int] = (0, 1), quick: bool = False,
                       '(the file changed after it was written)')
   return Report('damaged' if problems else 'ok', problems, len(listed), total)
 
-
-def verify(step_dir, share: tuple[int, int] = (0, 1)) -> Report:
-  """`check`, raising DamagedCheckpoint on a mismatch."""
-  report = check(step_dir, share)
-  if report.status == 'damaged':
-    raise DamagedCheckpoint(step_dir, report.problems)
-  return report

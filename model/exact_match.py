@@ -11,10 +11,9 @@ scored per task.
 
 import collections
 import json
-import os
 
 import tqdm
-from absl import app, flags
+from absl import flags
 
 from etils import epath
 
@@ -80,8 +79,7 @@ FLAGS = flags.FLAGS  # defined by define_flags() when run as a program
 def main(argv):
   runtime.no_positional_arguments(argv)
   runtime.setup(keep_freed_memory=False)
-  if FLAGS.json_out and not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.json_out))):
-    raise app.UsageError(f'--json-out: the folder of {FLAGS.json_out} does not exist')
+  runtime.check_output_file('json_out', FLAGS.json_out)
   with runtime.flag_error('chat_template'):
     template = chat.get_template(FLAGS.chat_template)
   with runtime.flag_error('data'):

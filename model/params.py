@@ -56,17 +56,23 @@ def saved_steps(directory) -> list[int]:
                 and (not remote or (c / COMMIT_FILE).exists()))
 
 
-def resolve_step_dir(path) -> epath.Path:
-  """A step folder from a workdir (its latest step), a checkpoints folder, or a step folder itself."""
+def step_dirs(path) -> list[epath.Path]:
+  """The complete step folders of a workdir or its checkpoints/ folder, oldest first; a step folder
+  itself (holding state/) is its own list."""
   p = absolute(path)
   if (p / STATE).exists():
-    return p
+    return [p]
   for root in (p / 'checkpoints', p):
     steps = saved_steps(root)
     if steps:
-      return root / str(steps[-1])
+      return [root / str(step) for step in steps]
   raise FileNotFoundError(f'No checkpoint at {path}: expected a workdir, its checkpoints/ folder, or '
                           'a step folder holding state/')
+
+
+def resolve_step_dir(path) -> epath.Path:
+  """A step folder from a workdir (its latest step), a checkpoints folder, or a step folder itself."""
+  return step_dirs(path)[-1]
 
 
 def intact_step_before(step_dir) -> epath.Path | None:

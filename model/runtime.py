@@ -295,6 +295,12 @@ def flag_error(name: str):
     raise app.UsageError(f'--{name.replace("_", "-")}: {e}') from None
 
 
+def check_output_file(name: str, path: str):
+  """A file that the command writes when its work is done: its folder must exist before the work."""
+  if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+    raise app.UsageError(f'--{name.replace("_", "-")}: the folder of {path} does not exist')
+
+
 def no_positional_arguments(argv: Sequence[str]):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {list(argv[1:])}')

@@ -150,6 +150,7 @@ def format_result(r: dict[str, float], name: str = '') -> str:
 
 def main(argv):
   runtime.no_positional_arguments(argv)
+  runtime.check_output_file('json', FLAGS.json)
   config = FLAGS.config
   runtime.setup(config.distributed)
   result = benchmark(config, FLAGS.steps, FLAGS.warmup)

@@ -20,6 +20,7 @@ import time
 import zlib
 from typing import Any, Callable
 
+import google_crc32c
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -27,9 +28,9 @@ from absl import flags, logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from model import ModelConfig, checksums, runtime
+from model import ModelConfig, checksums, count_params, runtime
 from model import params as params_lib
-from model.config import ARCHITECTURE_FIELDS
+from model.config import ARCHITECTURE_FIELDS, preset
 from train import validate
 
 DATA = 'data'  # the item holding each host's input position
@@ -189,10 +190,15 @@ def remove_incomplete(directory: epath.Path) -> list[str]:
 def params_from(path: str) -> Callable:
   """`init_params` for loop.train (config.init_from): the parameters of the checkpoint at `path`
   (a workdir, its checkpoints/ folder, a step folder, or an imported Hugging Face model), after
-  checking that it holds the architecture the config describes."""
+  checking that it holds the architecture the config describes. The folder is found, and its sizes
+  and metadata checked, at once: before the run loads its data."""
+  try:
+    saved = params_lib.load_model_config(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'config.init_from: {e}') from None
+
   def init_params(run):
     abstract = run.abstract_state().params
-    saved = params_lib.load_model_config(path)
     different = [f'model.{f}: checkpoint {getattr(saved, f)!r}, config {getattr(run.model_config, f)!r}'
                  for f in ARCHITECTURE_FIELDS if getattr(saved, f) != getattr(run.model_config, f)]
     if different:
@@ -211,30 +217,17 @@ def params_from(path: str) -> Callable:
 # --------------------------------------------------------------------------------------------------
 # Command line
 
-def step_folders(path) -> list[epath.Path]:
-  """The step folders of a workdir, a checkpoints folder, or a step folder itself, oldest first."""
-  p = params_lib.absolute(path)
-  if (p / params_lib.STATE).exists():
-    return [p]
-  root = p / 'checkpoints' if (p / 'checkpoints').exists() else p
-  steps = params_lib.saved_steps(root)
-  if not steps:
-    raise FileNotFoundError(f'{path}: no checkpoint steps there (expected a workdir, its checkpoints/ '
-                            'folder, or a step folder)')
-  return [root / str(step) for step in steps]
-
-
 def verify_paths(paths) -> bool:
   """Checks every step of each path against its checksums, one line per step. Returns whether no
   step is damaged (steps without checksums are reported, not counted as damaged)."""
   intact = True
   for path in paths:
-    for step_dir in step_folders(path):
+    for step_dir in params_lib.step_dirs(path):
       start = time.perf_counter()
       report = checksums.check(step_dir)
       seconds = time.perf_counter() - start
       if report.status == 'ok':
-        print(f'{step_dir}: ok ({report.files} files, {report.bytes / 2**20:,.1f} MiB checked in '
+        print(f'{step_dir}: ok ({report.files} files, {report.size / 2**20:,.1f} MiB checked in '
               f'{seconds:.1f} s)')
       elif report.status == 'unverified':
         print(f'{step_dir}: unverified: {report.problems[0]}')
@@ -258,9 +251,8 @@ def _rate(fn, data: bytes, repeat: int = 2) -> float:
 def benchmark_checksums(gib: float, folder: str) -> list[str]:
   """Lines of figures: checksum candidates in memory, then the manifest written and checked on a
   file of `gib` GiB (read from the page cache), and what that means for a 7B training checkpoint."""
-  from model import config as config_lib, count_params  # pylint: disable=import-outside-toplevel
   sample = np.random.default_rng(0).integers(0, 256, 256 << 20, np.uint8).tobytes()
-  candidates = {'crc32c (google-crc32c, used)': lambda b: checksums.google_crc32c.value(b),
+  candidates = {'crc32c (google-crc32c, used)': google_crc32c.value,
                 'zlib.crc32': zlib.crc32,
                 **{f'hashlib.{name}': (lambda name: lambda b: hashlib.new(name, b).digest())(name)
                    for name in ('md5', 'sha1', 'sha256', 'blake2b')}}
@@ -287,11 +279,12 @@ def benchmark_checksums(gib: float, folder: str) -> list[str]:
     checksums.write_manifest(step)
     write_s = (time.perf_counter() - start) / size
     start = time.perf_counter()
-    assert checksums.check(step).status == 'ok'
+    if checksums.check(step).status != 'ok':
+      raise RuntimeError(f'{step} failed its own checksums while being timed')
     check_s = (time.perf_counter() - start) / size
   lines.append(f'A {size:.2f} GiB file from the page cache, {checksums.WORKERS} threads: manifest '
                f'written at {write_s:.3f} s/GiB, checked at {check_s:.3f} s/GiB')
-  params = count_params(config_lib.preset('llama2_7b'))
+  params = count_params(preset('llama2_7b'))
   state_gib = params * 12 / 2**30  # float32 parameters and both Adam moments
   lines.append(f'llama2_7b ({params / 1e9:.2f}B parameters): a training checkpoint (float32 parameters '
                f'+ Adam moments, {state_gib:.0f} GiB) takes {state_gib * write_s:.0f} s to checksum on '
