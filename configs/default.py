@@ -6,6 +6,7 @@ import ml_collections
 
 from data import config as data_config
 from model import preset
+from model.lora import LoraConfig
 
 
 def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
@@ -53,8 +54,13 @@ def get_config() -> ml_collections.ConfigDict:
   # The input pipelines' settings (formats, files, tokenizer, chat template, packing, bad input).
   c.data = data_config.get_config()
 
-  # Instruction tuning: start from these parameters (a workdir, its checkpoints/ or a step folder).
+  # Start from these parameters (a workdir, its checkpoints/ or a step folder, or a converted Hugging
+  # Face model): instruction tuning, continued pretraining, and the base model of a LoRA run.
   c.init_from = ''
+
+  # LoRA / QLoRA (model/lora.py): rank 0 trains every parameter; rank > 0 trains low-rank adapters on
+  # `targets` over the frozen init_from model, held in `base_dtype` ('': model.param_dtype; int8, nf4).
+  c.lora = ml_collections.ConfigDict(dataclasses.asdict(LoraConfig()))
 
   # Metrics always go to <workdir>/metrics.jsonl and TensorBoard; set a project to also use W&B.
   c.logging = ml_collections.ConfigDict(dict(wandb_project='', wandb_entity=''))

@@ -7,7 +7,8 @@
 
 Options after the colon: a slice (v5p-8, the default; v4-8; v5e-8) and/or 'sft' (see configs/scale.py).
 Mistral 7B's per-slice settings fit this model too, both steps compiled for each slice
-(docs/benchmarks.md); the chat template is ChatML, as Qwen2's instruct models use.
+(docs/benchmarks.md). The chat template is plain ChatML; Qwen2-Instruct's own also adds a default
+system prompt to conversations without one: --config.data.chat_template=tokenizer renders exactly that.
 """
 
 from configs import mistral_7b, scale

@@ -5,9 +5,13 @@ A config file made with `make` takes options after a colon, comma-separated:
   --config=configs/llama2_7b.py            pretraining, settings for the default slice (v5p-8)
   --config=configs/llama2_7b.py:v5e-8      pretraining, settings that fit a v5e-8
   --config=configs/llama2_7b.py:v4-8,sft   instruction tuning, settings that fit a v4-8
+  --config=configs/llama3_8b.py:v6e-1,sft,lora   LoRA instruction tuning on one v6e chip
+  --config=configs/llama3_8b.py:v5e-1,sft,lora   QLoRA (nf4 base) on one v5e chip
 
 Every slice's settings (mesh, batch, rematerialisation, dtypes) were checked by compiling both steps
 for that slice with `python -m train.compile`; docs/benchmarks.md has the per-chip memory of each.
+With 'lora', the slice comes from LORA_SLICES: rank-16 adapters on all seven projections over the
+frozen init_from model.
 """
 
 from typing import Any
@@ -16,14 +20,32 @@ from configs import default
 
 # Instruction tuning starts from a pretrained checkpoint (or an imported Hugging Face model).
 SFT = dict(lr=2e-5, warmup_steps=100, weight_decay=0.0, min_lr_ratio=0.0, steps=3000)
+# LoRA trains ~0.5% of the parameters, at a higher learning rate (the QLoRA paper's 2e-4 for 7B).
+LORA = dict(rank=16, alpha=32.0, dropout=0.0, lr=2e-4)
+
+# Slices for LoRA / QLoRA fine-tuning of a 7-8B model (option 'lora'), the same for each of them: the
+# frozen base in bfloat16 (one v6e chip, 32 GiB; or FSDP over a v5e-4) or in nf4 (one v5e chip,
+# 16 GiB, at sequence length 2048); whole layers recomputed, the loss in 512-position chunks.
+LORA_SLICES = {
+    'v6e-1': dict(mesh=dict(data=1, fsdp=-1, tensor=1), batch_size=1, remat_policy='full',
+                  param_dtype='bfloat16', base_dtype='bfloat16', loss_chunk_len=512),
+    'v5e-4': dict(mesh=dict(data=1, fsdp=-1, tensor=1), batch_size=4, remat_policy='full',
+                  param_dtype='bfloat16', base_dtype='bfloat16', loss_chunk_len=512),
+    'v5e-1': dict(mesh=dict(data=1, fsdp=-1, tensor=1), batch_size=1, remat_policy='full',
+                  param_dtype='bfloat16', base_dtype='nf4', loss_chunk_len=512, seq_len=2048),
+}
 
 
 def make(preset: str, slices: dict[str, dict[str, Any]], options: str, chat_template: str,
          default_slice: str = 'v5p-8'):
   opts = [o for o in options.split(',') if o]
-  unknown = [o for o in opts if o != 'sft' and o not in slices]
+  lora = 'lora' in opts
+  if lora:
+    slices, default_slice = LORA_SLICES, 'v6e-1'
+  unknown = [o for o in opts if o not in ('sft', 'lora') and o not in slices]
   if unknown:
-    raise ValueError(f'Unknown config option(s) {unknown}; known: sft, {", ".join(slices)}')
+    raise ValueError(f'Unknown config option(s) {unknown}; known: sft, lora, {", ".join(slices)}'
+                     + (' (the slices for lora)' if lora else ''))
   chosen = [o for o in opts if o in slices]
   settings = slices[chosen[-1] if chosen else default_slice]
 
@@ -31,7 +53,8 @@ def make(preset: str, slices: dict[str, dict[str, Any]], options: str, chat_temp
   c.model = default.model_config(preset, remat_policy=settings['remat_policy'],
                                  param_dtype=settings.get('param_dtype', 'float32'))
   c.mesh.update(settings['mesh'])
-  c.train.update(dict(steps=100_000, batch_size=settings['batch_size'], seq_len=4096,
+  c.train.update(dict(steps=100_000, batch_size=settings['batch_size'],
+                      seq_len=settings.get('seq_len', 4096),
                       grad_accum_steps=settings.get('grad_accum_steps', 1),
                       loss_chunk_len=settings.get('loss_chunk_len', 1024), log_every=10,
                       eval_every=1000, eval_max_batches=10))
@@ -46,4 +69,8 @@ def make(preset: str, slices: dict[str, dict[str, Any]], options: str, chat_temp
     c.checkpoint.every_steps = 500
     c.data.format = 'chat'
     c.data.chat_template = chat_template
+  if lora:
+    c.lora.update(dict(rank=LORA['rank'], alpha=LORA['alpha'], dropout=LORA['dropout'],
+                       base_dtype=settings['base_dtype']))
+    c.optimizer.update(dict(lr=LORA['lr'], weight_decay=0.0))
   return c

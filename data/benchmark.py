@@ -1,11 +1,11 @@
-"""Measures the input pipelines on this host, in tokens/s: pretraining (read, tokenize, pack) and
-instruction tuning (template + tokenize up front, then greedy example packing).
+"""Measures the input pipelines on this host, in tokens/s: pretraining (read JSONL or Parquet,
+tokenize, pack) and instruction tuning (template + tokenize up front, then greedy example packing).
 
   python -m data.benchmark [--seq_len 4096 --batch_size 8 --seconds 10]
-  python -m data.benchmark --train_files=my/*.jsonl --tokenizer=my.model   # your own data
+  python -m data.benchmark --train_files=my/*.jsonl --parquet_files=my/*.parquet --tokenizer=my.model
 
-Without files it builds the demo corpus (the Python documentation of this interpreter) and a
-SentencePiece tokenizer in a temporary folder. Throughput counts every row slot delivered (B x T per
+Without files it builds the demo corpus (the Python documentation of this interpreter), the same
+documents as Parquet (row groups of 1,000 rows) and a SentencePiece tokenizer in a temporary folder. Throughput counts every row slot delivered (B x T per
 batch) and, separately, the slots holding real tokens (not padding): what the train step receives.
 """
 
@@ -62,6 +62,16 @@ def write_conversations(corpus_file: str, out_file: str, turns: int = 2, chars: 
   return n
 
 
+def write_parquet(jsonl_file: str, out_file: str, rows_per_group: int = 1000) -> str:
+  """The documents of a JSONL file as a Parquet file of one `text` column."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  with open(jsonl_file, encoding='utf-8') as f:
+    texts = [json.loads(line)['text'] for line in f]
+  pq.write_table(pa.table({'text': texts}), out_file, row_group_size=rows_per_group)
+  return out_file
+
+
 def demo_inputs(root: str, vocab_size: int) -> tuple[str, str, str, str]:
   """(pretraining files, short chat files, long chat files, tokenizer) from the demo corpus."""
   from data import demo_corpus, sources, tokenizer  # pylint: disable=import-outside-toplevel
@@ -76,9 +86,10 @@ def demo_inputs(root: str, vocab_size: int) -> tuple[str, str, str, str]:
   return train, os.path.join(sft, 'train.jsonl'), conversations, model
 
 
-def benchmark_pretraining(files: str, tokenizer: str, seq_len: int, batch: int, seconds: float):
+def benchmark_pretraining(files: str, tokenizer: str, seq_len: int, batch: int, seconds: float,
+                          fmt: str = 'jsonl'):
   from data.pretrain import PretrainData  # pylint: disable=import-outside-toplevel
-  data = PretrainData(data_config(format='jsonl', train_files=files, tokenizer=tokenizer), seq_len)
+  data = PretrainData(data_config(format=fmt, train_files=files, tokenizer=tokenizer), seq_len)
   return measure(data.train_iterator(0, 1, batch), seconds)
 
 
@@ -108,19 +119,21 @@ def main(argv):
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   seq_len, batch, seconds = FLAGS.seq_len, FLAGS.batch_size, FLAGS.seconds
   with tempfile.TemporaryDirectory() as tmp:
-    train, tokenizer = FLAGS.train_files, FLAGS.tokenizer
+    train, parquet, tokenizer = FLAGS.train_files, FLAGS.parquet_files, FLAGS.tokenizer
     sft = [('your files', FLAGS.sft_files)] if FLAGS.sft_files else []
-    if not (train and sft and tokenizer):
+    if not (train and parquet and sft and tokenizer):
       start = time.perf_counter()
       demo_train, demo_short, demo_long, demo_tokenizer = demo_inputs(tmp, FLAGS.vocab_size)
       train, tokenizer = train or demo_train, tokenizer or demo_tokenizer
+      parquet = parquet or write_parquet(demo_train, os.path.join(tmp, 'train.parquet'))
       sft = sft or [('demo question task', demo_short), ('1-2 turn conversations', demo_long)]
       print(f'Built the demo corpus, chat data and tokenizer in {time.perf_counter() - start:.0f} s')
     print(f'{os.cpu_count()} CPU cores; rows of {seq_len} tokens, batches of {batch} rows')
-    pre = benchmark_pretraining(train, tokenizer, seq_len, batch, seconds)
-    print(f"pretraining (read JSONL, tokenize, pack): {pre['tokens_per_s']:,.0f} tokens/s "
-          f"({pre['real_tokens_per_s']:,.0f} real, {100 * pre['fill']:.1f}% filled; "
-          f"{pre['batches']} batches in {pre['seconds']:.1f} s)", flush=True)
+    for fmt, name, files in (('jsonl', 'JSONL', train), ('parquet', 'Parquet', parquet)):
+      pre = benchmark_pretraining(files, tokenizer, seq_len, batch, seconds, fmt)
+      print(f"pretraining (read {name}, tokenize, pack): {pre['tokens_per_s']:,.0f} tokens/s "
+            f"({pre['real_tokens_per_s']:,.0f} real, {100 * pre['fill']:.1f}% filled; "
+            f"{pre['batches']} batches in {pre['seconds']:.1f} s)", flush=True)
     for name, files in sft:
       print(_sft_line(name, benchmark_sft(files, tokenizer, seq_len, batch, seconds)), flush=True)
 
@@ -132,6 +145,8 @@ def _define_flags():
   flags.DEFINE_integer('batch_size', 8, 'Rows per batch (per host).', lower_bound=1)
   flags.DEFINE_float('seconds', 10.0, 'Time each pipeline for about this long.', lower_bound=0.1)
   flags.DEFINE_string('train_files', '', 'Pretraining JSONL files (default: demo corpus).')
+  flags.DEFINE_string('parquet_files', '', 'Pretraining Parquet files, a `text` column (default: the '
+                      'demo corpus as Parquet).')
   flags.DEFINE_string('sft_files', '', 'Chat-format JSONL files (default: the demo question '
                       'task, and 1-2 turn conversations cut from the demo corpus).')
   flags.DEFINE_string('tokenizer', '', 'SentencePiece .model or tokenizer.json '

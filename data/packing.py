@@ -116,7 +116,8 @@ def pack_examples(rows: tf.data.Dataset, seq_len: int, flush: bool) -> tf.data.D
 
 
 def row_features(rows: dict[str, tf.Tensor], pad_id: int = 0) -> dict[str, tf.Tensor]:
-  """[B, T] rows -> the train step's batch (see module docstring)."""
+  """[B, T] rows -> the train step's batch (see module docstring). Keys other than ROW_KEYS (a
+  mixture's per-row `source`) pass through."""
   tokens, starts, valid, trainable = rows['tokens'], rows['starts'], rows['valid'], rows['trainable']
   b, t = tf.shape(tokens)[0], tf.shape(tokens)[1]
   # A row that begins mid-document gets segment 1 for that fragment; each document start adds one.
@@ -141,4 +142,5 @@ def row_features(rows: dict[str, tf.Tensor], pad_id: int = 0) -> dict[str, tf.Te
       'segment_ids': segment_ids,
       'positions': positions,
       'loss_weights': loss_weights,
+      **{k: v for k, v in rows.items() if k not in ROW_KEYS},
   }

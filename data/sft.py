@@ -4,8 +4,11 @@ Formats (local or gs://), with configurable field names:
   alpaca  {"instruction", "input" (optional), "output"}, as JSONL or one JSON array
   chat    {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]} per line
   prompt_completion  {"prompt", "completion"} per line
+Files named *.parquet are read as Parquet, one row group at a time, the format's fields being columns
+(`messages` a list of {role, content} structs, as `datasets` writes them).
 Every record is checked and rendered once, up front (instruction sets fit in host memory); problems
-name the file and line. With `skip_bad_records`, bad records are skipped and counted instead.
+name the file and line (Parquet: file, row group and row). With `skip_bad_records`, bad records are
+skipped and counted instead. Several instruction sets with weights: data/mixture.py.
 """
 
 import hashlib
@@ -16,17 +19,45 @@ import tensorflow as tf
 from absl import logging
 from etils import epath
 
-from data import chat, packing, records, sources
+from data import chat, mixture, packing, records, sources
 from data.batch import pad_batch
 from data.config import OVERLONG_POLICIES, SFT_FORMATS
-from data.iterator import DatasetIterator
 from data.records import BadRecord
 from data.tokenizer import load_tokenizer
 
+# The fields (keys of config.data.fields) that each format reads; alpaca's `input` may be missing.
+FORMAT_FIELDS = {'alpaca': ('instruction', 'input', 'output'), 'chat': ('messages',),
+                 'prompt_completion': ('prompt', 'completion')}
 
-def _records(path: str, utf8: str, max_record_bytes: int, counters: records.Counters
-             ) -> Iterator[tuple[str, Any]]:
-  """(location, parsed JSON or the BadRecord it is) for each record of a .json array or JSONL file."""
+
+def _parquet_records(path: str, fmt: str, fields: Any) -> Iterator[tuple[str, Any]]:
+  """(location, row as a dict, or the BadRecord it is) for each row of a Parquet file."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  with sources.open_parquet(path) as parquet:
+    names = parquet.schema_arrow.names
+    missing = [f for f in FORMAT_FIELDS[fmt] if fields[f] not in names and f != 'input']
+    if missing:
+      raise BadRecord(f'{path}: no column {fields[missing[0]]!r} (config.data.fields.{missing[0]}); '
+                      f'columns: {names}')
+    columns = [fields[f] for f in FORMAT_FIELDS[fmt] if fields[f] in names]
+    for group in range(parquet.metadata.num_row_groups):
+      where = f'{path}, row group {group}'
+      try:
+        rows = parquet.read_row_group(group, columns=columns).to_pylist()
+      except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+        yield where, BadRecord(f'{where}: cannot be read ({sources.one_line(e)})')
+        continue
+      for i, row in enumerate(rows):
+        yield f'{where}, row {i}', row
+
+
+def _records(path: str, cfg: Any, counters: records.Counters) -> Iterator[tuple[str, Any]]:
+  """(location, parsed record or the BadRecord it is) for each record of a .json array, JSONL or
+  .parquet file."""
+  if path.endswith('.parquet'):
+    yield from _parquet_records(path, cfg.format, cfg.fields)
+    return
+  utf8, max_record_bytes = cfg.invalid_utf8, cfg.max_record_bytes
   with epath.Path(path).open('rb') as f:
     if path.endswith('.json') and f.read(4096).lstrip().startswith(b'['):
       f.seek(0)
@@ -93,38 +124,60 @@ class SFTData:
     self.config = data_config
     self.seq_len = seq_len
     self.tokenizer = load_tokenizer(data_config.tokenizer)
-    self.template = chat.get_template(data_config.chat_template)
-    if data_config.overlong not in OVERLONG_POLICIES:
-      raise ValueError(f'config.data.overlong must be one of {OVERLONG_POLICIES}, got '
-                       f'{data_config.overlong!r}')
+    self.template = chat.from_config(data_config, self.tokenizer)
     self.counts = records.Counters()
-    train, held_out = self._load(data_config.train_files, 'train')
-    if data_config.eval_files:
-      held_out = self._load(data_config.eval_files, 'eval')[0]
-    self.train_examples, self.eval_examples = train, held_out
-    logging.info('SFT data: %d train and %d eval examples; %s', len(train), len(held_out),
+    self.sources = mixture.sources(data_config)
+    self._train_iterator = None
+    self.train_sets, self.eval_sets = [], []  # per source: examples (ids, mask)
+    for source in self.sources:
+      cfg = source.config
+      if cfg.format not in SFT_FORMATS:
+        raise ValueError(f'config.data.format must be one of {SFT_FORMATS} for instruction tuning, got '
+                         f'{cfg.format!r}; it names the records\' fields, and files named *.parquet are '
+                         'read as Parquet whatever the format')
+      if cfg.overlong not in OVERLONG_POLICIES:
+        raise ValueError(f'config.data.overlong must be one of {OVERLONG_POLICIES}, got '
+                         f'{cfg.overlong!r}')
+      empty_before = self.counts.snapshot().get('train_empty_mask', 0)
+      train, held_out = self._load(cfg, cfg.train_files, 'train')
+      if cfg.eval_files:
+        held_out = self._load(cfg, cfg.eval_files, 'eval')[0]
+      self.train_sets.append(train)
+      self.eval_sets.append(held_out)
+      if source.name:
+        logging.info('SFT data, source %s: %d train and %d eval examples', source.name, len(train),
+                     len(held_out))
+      if not train:
+        empty = self.counts.snapshot().get('train_empty_mask', 0) - empty_before
+        raise BadRecord(f'no usable training examples in {cfg.train_files}' + (
+            f': the loss masks of all {empty} are empty (chat template {self.template.name}; does any '
+            'message have the role "assistant"?)' if empty else ''))
+    self.train_examples = [e for examples in self.train_sets for e in examples]
+    self.eval_examples = [e for examples in self.eval_sets for e in examples]
+    logging.info('SFT data: %d train and %d eval examples; %s', len(self.train_examples),
+                 len(self.eval_examples),
                  ', '.join(f'{k} {v}' for k, v in sorted(self.stats().items())) or 'nothing skipped')
-    if not train:
-      raise BadRecord(f'no usable training examples in {data_config.train_files}')
 
   @property
   def vocab_size(self) -> int:
     return self.tokenizer.vocab_size
 
   def stats(self) -> dict[str, int]:
-    """Records skipped, truncated or repaired while loading."""
-    return self.counts.snapshot()
+    """Records skipped, truncated or repaired while loading; for a mixture, the real tokens each
+    source has given the train iterator (since the run started)."""
+    tokens = self._train_iterator.tokens_seen() if self._train_iterator else {}
+    return {**self.counts.snapshot(), **tokens}
 
-  def _load(self, patterns: str, split: str):
-    """(examples, held-out examples); the split by `eval_fraction` only applies without eval_files."""
-    cfg = self.config
+  def _load(self, cfg: Any, patterns: str, split: str):
+    """(examples, held-out examples) of one source; the split by `eval_fraction` only applies without
+    eval_files."""
     examples, held_out = [], []
     for path in sources.resolve_files(patterns):
-      for where, record in _records(path, cfg.invalid_utf8, cfg.max_record_bytes, self.counts):
+      for where, record in _records(path, cfg, self.counts):
         error = record if isinstance(record, BadRecord) else None  # already names its place
         if error is None:
           try:
-            ids, mask = self.template.encode(self.tokenizer, to_messages(record, cfg.format, cfg.fields))
+            rendered = self.template.examples(to_messages(record, cfg.format, cfg.fields))
           except (BadRecord, chat.ChatFormatError) as e:
             error = BadRecord(f'{where}: {e}')
         if error is not None:
@@ -133,19 +186,23 @@ class SFTData:
           self.counts.add(f'{split}_skipped_bad_records')
           logging.warning('Skipping %s', error)
           continue
-        example = self._fit(ids, mask, split)
-        if example is None:
-          continue
-        if split == 'train' and not cfg.eval_files and _held_out(where, cfg.eval_fraction):
-          held_out.append(example)
-        else:
-          examples.append(example)
+        for rendered_example in rendered:
+          if not any(rendered_example.mask):  # nothing to learn: no assistant message
+            self.counts.add(f'{split}_empty_mask')
+            continue
+          example = self._fit(rendered_example.ids, rendered_example.mask, split, cfg.overlong)
+          if example is None:
+            continue
+          if split == 'train' and not cfg.eval_files and _held_out(where, cfg.eval_fraction):
+            held_out.append(example)
+          else:
+            examples.append(example)
     return examples, held_out
 
-  def _fit(self, ids, mask, split):
+  def _fit(self, ids, mask, split, overlong):
     if len(ids) <= self.seq_len:
       return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
-    if self.config.overlong == 'drop':
+    if overlong == 'drop':
       self.counts.add(f'{split}_dropped_overlong')
       return None
     ids, mask = ids[:self.seq_len], mask[:self.seq_len]
@@ -155,35 +212,47 @@ class SFTData:
     self.counts.add(f'{split}_truncated')
     return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
 
-  def dataset(self, examples, shard_index, shard_count, batch_size, train: bool) -> tf.data.Dataset:
+  def _rows(self, examples, source: mixture.Source, shard_index, shard_count, train: bool
+            ) -> tf.data.Dataset:
+    """One source's rows of examples: for training shuffled and endless, else one ordered pass."""
     examples = examples[shard_index::shard_count]
     if not examples:
-      raise BadRecord(f'host {shard_index} of {shard_count} has no examples')
+      raise BadRecord(f'host {shard_index} of {shard_count} has no examples'
+                      + f' of source {source.name!r}' * bool(source.name))
     lengths = np.array([len(e[0]) for e in examples], np.int64)
     ragged = lambda i: tf.RaggedTensor.from_row_lengths(np.concatenate([e[i] for e in examples]), lengths)
     ds = tf.data.Dataset.from_tensor_slices({'tokens': ragged(0), 'trainable': ragged(1)})
     if train:
-      ds = ds.shuffle(len(examples), seed=self.config.seed, reshuffle_each_iteration=True).repeat()
+      ds = ds.shuffle(len(examples), seed=source.seed, reshuffle_each_iteration=True).repeat()
     rows = packing.example_rows(ds)
     if self.config.packing:
-      rows = packing.pack_examples(rows, self.seq_len, flush=not train)
-    else:
-      rows = packing.pad_rows(rows, self.seq_len)
-    pad_id = self.tokenizer.pad_id
-    return rows.batch(batch_size, drop_remainder=train).map(
-        lambda r: packing.row_features(r, pad_id), num_parallel_calls=tf.data.AUTOTUNE
-    ).prefetch(tf.data.AUTOTUNE)
+      return packing.pack_examples(rows, self.seq_len, flush=not train)
+    return packing.pad_rows(rows, self.seq_len)
+
+  def dataset(self, split: str, shard_index: int, shard_count: int, batch_size: int) -> tf.data.Dataset:
+    """Batches of rows. 'train' is shuffled and endless; 'eval' is one ordered pass."""
+    train = split == 'train'
+    sets = self.train_sets if train else self.eval_sets
+    rows = [(i, self._rows(examples, source, shard_index, shard_count, train))
+            for i, (source, examples) in enumerate(zip(self.sources, sets)) if examples]
+    return mixture.batches(rows, [s.weight for s in self.sources] if train else None, self.config.seed,
+                           shard_index, batch_size, self.tokenizer.pad_id, bool(self.config.mixture))
+
+  def has_eval(self) -> bool:
+    return bool(self.eval_examples)
 
   def train_iterator(self, shard_index, shard_count, batch_size):
-    return DatasetIterator(self.dataset(self.train_examples, shard_index, shard_count, batch_size, True))
+    self._train_iterator = mixture.Iterator(self.dataset('train', shard_index, shard_count, batch_size),
+                                            [s.name for s in self.sources if s.name])
+    return self._train_iterator
 
   def eval_batches(self, shard_index, shard_count, batch_size, max_batches):
-    if not self.eval_examples:
+    if not self.has_eval():
       return []
-    ds = self.dataset(self.eval_examples, shard_index, shard_count, batch_size, False)
+    ds = self.dataset('eval', shard_index, shard_count, batch_size)
     if max_batches:
       ds = ds.take(max_batches)
-    return [pad_batch(b, batch_size) for b in DatasetIterator(ds)]
+    return [pad_batch(b, batch_size) for b in mixture.Iterator(ds)]
 
 
 def _held_out(where: str, fraction: float) -> bool:

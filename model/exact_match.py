@@ -10,6 +10,7 @@ scored per task.
 """
 
 import collections
+import dataclasses
 import json
 
 import tqdm
@@ -20,9 +21,8 @@ from etils import epath
 from data import chat
 from data import records as records_lib
 from data.tokenizer import load_tokenizer
-from model import params as params_lib
-from model import runtime
-from model.generate import Generator, SamplingConfig
+from model import adapters, runtime
+from model.generate import Generator, SamplingConfig, compute_dtype, define_dtype_flag
 
 
 def load_records(path: str, limit: int = 0) -> list[dict]:
@@ -45,18 +45,17 @@ def load_records(path: str, limit: int = 0) -> list[dict]:
   return found
 
 
-def exact_match(generator: Generator, tokenizer, template: chat.Template, records: list[dict],
+def exact_match(generator: Generator, tokenizer, template: chat.ChatTemplate, records: list[dict],
                 max_new_tokens: int = 16, batch_size: int = 64, progress: bool | None = None) -> dict:
   """{'accuracy', 'per_task', 'answers': [(prompt, expected, got)]}. `progress`: a bar of questions
   answered on stderr (None: only on a terminal)."""
-  prompts = [template.prompt_ids(tokenizer, r['messages'][:-1]) for r in records]
+  prompts = [template.prompt_ids(r['messages'][:-1]) for r in records]
   sampling = SamplingConfig(max_new_tokens=max_new_tokens)
   answers = []
   with tqdm.tqdm(total=len(prompts), desc='Answering', unit='question',
                  disable=None if progress is None else not progress) as bar:
     for i in range(0, len(prompts), batch_size):
-      outputs = generator.generate(prompts[i:i + batch_size], sampling, template.stop_ids(tokenizer),
-                                   tokenizer.pad_id)
+      outputs = generator.generate(prompts[i:i + batch_size], sampling, template.stop_ids, tokenizer.pad_id)
       answers += [tokenizer.decode(o).strip() for o in outputs]
       bar.update(len(outputs))
   scores = collections.defaultdict(list)
@@ -80,16 +79,15 @@ def main(argv):
   runtime.no_positional_arguments(argv)
   runtime.setup(keep_freed_memory=False)
   runtime.check_output_file('json_out', FLAGS.json_out)
-  with runtime.flag_error('chat_template'):
-    template = chat.get_template(FLAGS.chat_template)
   with runtime.flag_error('data'):
     records = load_records(FLAGS.data, FLAGS.limit)
   with runtime.flag_error('tokenizer'):
     tokenizer = load_tokenizer(FLAGS.tokenizer)
+  template = chat.template_from_flags(tokenizer)
   with runtime.flag_error('ckpt'):
-    model_config = params_lib.load_model_config(FLAGS.ckpt)
-  params = params_lib.load_params(FLAGS.ckpt, params_lib.abstract_params_on(model_config))
-  result = exact_match(Generator(model_config, params), tokenizer, template, records)
+    model_config, lora, params = adapters.load_model(FLAGS.ckpt)  # LoRA checkpoints: unmerged
+  model_config = dataclasses.replace(model_config, dtype=compute_dtype(FLAGS.dtype))
+  result = exact_match(Generator(model_config, params, lora=lora), tokenizer, template, records)
 
   shown = collections.Counter()
   for record, (question, expected, got) in zip(records, result['answers']):
@@ -100,7 +98,7 @@ def main(argv):
       print(f'  [{mark}] {question!r} -> {got!r} (expected {expected!r})')
   per_task = ', '.join(f'{k} {100 * v:.0f}%' for k, v in result['per_task'].items())
   print(f"{FLAGS.label}exact-match accuracy {100 * result['accuracy']:.1f}% on {len(records)} "
-        f"held-out questions" + (f' ({per_task})' if per_task else ''))
+        f"held-out questions, computed in {model_config.dtype}" + (f' ({per_task})' if per_task else ''))
   if FLAGS.json_out:
     with open(FLAGS.json_out, 'w', encoding='utf-8') as f:
       json.dump({k: v for k, v in result.items() if k != 'answers'}, f, indent=2)
@@ -111,12 +109,13 @@ def define_flags():
   flags.DEFINE_string('tokenizer', None, 'SentencePiece .model, HF tokenizer.json, or a folder holding '
                       'one.', required=True)
   flags.DEFINE_string('data', None, 'Chat JSONL whose last turns are the answers.', required=True)
-  flags.DEFINE_string('chat_template', None, 'The chat template to prompt with.', required=True)
+  chat.define_template_flags('The chat template to prompt with.', required=True)
   flags.DEFINE_integer('limit', 0, 'Score only the first N records.', lower_bound=0)
   flags.DEFINE_integer('show', 3, 'Print this many answers per task.', lower_bound=0)
   flags.DEFINE_string('label', '', 'Prefix for the printed summary line.')
   flags.DEFINE_string('json_out', '', 'Also write the scores to this JSON file.')
-  runtime.dashed_aliases(['chat_template', 'json_out'])
+  define_dtype_flag()
+  runtime.dashed_aliases(['json_out'])
 
 
 if __name__ == '__main__':

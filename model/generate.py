@@ -25,9 +25,11 @@ from absl import app, flags
 
 from data import chat
 from data.tokenizer import check_vocab, load_tokenizer
+from model import adapters
 from model import params as params_lib
 from model import runtime, sharding
 from model.config import DTYPES, ModelConfig
+from model.lora import LoraConfig
 from model.transformer import Transformer
 
 
@@ -78,10 +80,12 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16):
 class Generator:
   """Generates continuations with fixed parameters. Compiles once per (batch, prompt bucket, length)."""
 
-  def __init__(self, model_config: ModelConfig, params, mesh=None, rules=None):
+  def __init__(self, model_config: ModelConfig, params, mesh=None, rules=None,
+               lora: LoraConfig = LoraConfig()):
+    """`lora`: the params hold LoRA adapters (model/lora.py), applied unmerged."""
     self.config = model_config
     self.params = params
-    self.model = Transformer(model_config, decode=True)
+    self.model = Transformer(model_config, decode=True, lora=lora)
     self._mesh, self._rules = mesh, rules
     self._compiled = {}  # ahead-of-time compiled executables, see `compile`
 
@@ -177,6 +181,19 @@ class Generator:
     return results
 
 
+def compute_dtype(name: str | None = None) -> str:
+  """`name`, or this machine's default compute dtype for running a model: float32 on CPU (the numbers
+  a float32 reference computes; a CPU has no faster bfloat16 matmuls), bfloat16 on accelerators."""
+  return name or ('float32' if jax.default_backend() == 'cpu' else 'bfloat16')
+
+
+def define_dtype_flag():
+  """--dtype, the compute dtype, for every command that runs a model (see `compute_dtype`)."""
+  flags.DEFINE_enum('dtype', None, sorted(DTYPES), 'Compute dtype of the model '
+                    '(default: float32 on CPU, bfloat16 on GPU/TPU; the checkpoint\'s own setting is '
+                    'for training).')
+
+
 FLAGS = flags.FLAGS  # defined by define_flags() when run as a program
 
 
@@ -186,12 +203,10 @@ def main(argv):
   if FLAGS.system and not FLAGS.chat_template:
     raise app.UsageError('--system needs --chat-template (a system message is a turn of a template)')
   with runtime.flag_error('ckpt'):
-    model_config = params_lib.load_model_config(FLAGS.ckpt)
-  if FLAGS.param_dtype:
-    model_config = dataclasses.replace(model_config, param_dtype=FLAGS.param_dtype)
+    saved_config = params_lib.load_model_config(FLAGS.ckpt)
   with runtime.flag_error('tokenizer'):
     tokenizer = load_tokenizer(FLAGS.tokenizer)
-    check_vocab(tokenizer, model_config.vocab_size)
+    check_vocab(tokenizer, saved_config.vocab_size)
   mesh = None
   if FLAGS.mesh:
     with runtime.flag_error('mesh'):
@@ -200,13 +215,11 @@ def main(argv):
         raise ValueError(f'expected {len(sharding.MESH_AXES)} comma-separated sizes '
                          f'({",".join(sharding.MESH_AXES)}, -1 for the rest), got {FLAGS.mesh!r}')
       mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, map(int, sizes))))
-  params = params_lib.load_params(FLAGS.ckpt, params_lib.abstract_params_on(model_config, mesh))
 
-  if FLAGS.chat_template:
-    with runtime.flag_error('chat_template'):
-      template = chat.get_template(FLAGS.chat_template)
-    prompts = [template.prompt_ids(tokenizer, chat.conversation(p, FLAGS.system)) for p in FLAGS.prompt]
-    stop_ids = template.stop_ids(tokenizer)
+  template = chat.template_from_flags(tokenizer)
+  if template:
+    prompts = [template.prompt_ids(chat.conversation(p, FLAGS.system)) for p in FLAGS.prompt]
+    stop_ids = template.stop_ids
   else:
     bos = [tokenizer.bos_id] if tokenizer.add_bos else []
     prompts = [bos + tokenizer.encode(p) for p in FLAGS.prompt]
@@ -214,7 +227,11 @@ def main(argv):
   if not all(prompts):
     raise app.UsageError('--prompt: an empty prompt (this tokenizer starts texts without BOS, so it '
                          'would have no token)')
-  generator = Generator(model_config, params, mesh, sharding.LOGICAL_AXIS_RULES)
+  # A LoRA checkpoint runs unmerged, over the base it refers to; both are checked against their
+  # checksums as they load.
+  model_config, lora, params = adapters.load_model(FLAGS.ckpt, mesh, FLAGS.param_dtype or None)
+  model_config = dataclasses.replace(model_config, dtype=compute_dtype(FLAGS.dtype))
+  generator = Generator(model_config, params, mesh, sharding.LOGICAL_AXIS_RULES, lora)
   sampling = SamplingConfig(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
                             FLAGS.seed, vocab_limit=tokenizer.vocab_size)
   compile_s = generator.compile(prompts, sampling, stop_ids, tokenizer.pad_id)
@@ -226,7 +243,8 @@ def main(argv):
   n_tokens = sum(len(o) for o in outputs)
   print(f'{n_tokens} new tokens in {elapsed:.2f} s: {n_tokens / max(elapsed, 1e-9):.1f} tokens/s '
         f'(batch {len(prompts)}, prefill included; compiled in {compile_s:.1f} s, '
-        f'{"mesh " + str(dict(mesh.shape)) if mesh else jax.devices()[0].platform})')
+        f'{"mesh " + str(dict(mesh.shape)) if mesh else jax.devices()[0].platform}, compute '
+        f'{model_config.dtype}, params {model_config.param_dtype})')
 
 
 def define_flags():
@@ -234,8 +252,9 @@ def define_flags():
   flags.DEFINE_string('tokenizer', None, 'SentencePiece .model, HF tokenizer.json, or a folder holding '
                       'one.', required=True)
   flags.DEFINE_multi_string('prompt', None, 'A prompt; repeat the flag for a batch.', required=True)
-  flags.DEFINE_string('chat_template', '', 'Render each prompt as a user turn of this chat template.')
-  flags.DEFINE_string('system', '', 'System message (with --chat_template).')
+  chat.define_template_flags('Render each prompt as a user turn of this chat template (default: the '
+                             'prompt as plain text).')
+  flags.DEFINE_string('system', '', 'System message (with --chat-template).')
   flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate at most.', lower_bound=1)
   flags.DEFINE_float('temperature', 0.0, '0: greedy.', lower_bound=0.0)
   flags.DEFINE_integer('top_k', 0, 'Sample among the k likeliest tokens (0: all).', lower_bound=0)
@@ -243,10 +262,11 @@ def define_flags():
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
   flags.DEFINE_string('mesh', '', 'data,fsdp,tensor sizes to shard over (e.g. 1,-1,1); default: one '
                       'device.')
+  define_dtype_flag()
   flags.DEFINE_enum('param_dtype', '', ['', *DTYPES], 'Cast the parameters to this dtype when loading '
                     '(default: as the checkpoint says, e.g. float32 after training; bfloat16 halves the '
                     'memory).')
-  runtime.dashed_aliases(['chat_template', 'max_new_tokens', 'top_k', 'top_p', 'param_dtype'])
+  runtime.dashed_aliases(['max_new_tokens', 'top_k', 'top_p', 'param_dtype'])
 
 
 if __name__ == '__main__':

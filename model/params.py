@@ -3,7 +3,9 @@
 A step folder `<checkpoints>/<step>/` holds `state/` (an orbax PyTree whose `params` subtree is the
 model's parameters; training adds the step counter and optimizer state beside it, see
 train/checkpoint.py) and `model_config/` (the ModelConfig as JSON), so that the folder alone rebuilds
-the model, and `checksums.json` (model/checksums.py). This module resolves such folders (from a
+the model, and `checksums.json` (model/checksums.py). A LoRA step folder's `params` are only the
+adapters; its `lora/` item (JSON) holds their LoraConfig and a reference to the frozen base's own step
+folder, with the base's fingerprint (model/adapters.py). This module resolves such folders (from a
 workdir, its checkpoints/ folder, or the step folder itself), reads a step's model config, loads its
 parameters with a shape check first and their checksums checked alongside, and writes
 parameters-only step folders (Hugging Face imports). Local or gs:// paths (etils.epath).
@@ -25,9 +27,10 @@ from etils import epath
 
 from model import checksums, sharding
 from model.config import DTYPES, ModelConfig
+from model.lora import LoraConfig
 from model.transformer import abstract_params
 
-STATE, MODEL_CONFIG = 'state', 'model_config'  # the items of a step folder
+STATE, MODEL_CONFIG, LORA = 'state', 'model_config', 'lora'  # the items of a step folder
 # Orbax writes a step to `<step>.orbax-checkpoint-tmp-*` and renames it when complete; on object
 # stores it writes the step folder in place and marks it complete with COMMIT_FILE.
 TMP_MARK = '.orbax-checkpoint-tmp'
@@ -131,15 +134,23 @@ def load_model_config(path) -> ModelConfig:
   return ModelConfig.from_dict(json.loads(meta.read_text()))
 
 
-def abstract_params_on(cfg: ModelConfig, mesh=None):
-  """The parameter tree as ShapeDtypeStructs placed on `mesh` by their logical axes (FSDP/tensor
-  sharded as in training), or on the first device when `mesh` is None: a target for `load_params`."""
+def load_lora_reference(path) -> dict | None:
+  """The `lora` item of a step folder ({'config', 'base', 'fingerprint'}), or None for plain weights."""
+  step_dir = resolve_step_dir(path)
+  quick_check(step_dir)
+  meta = step_dir / LORA / 'metadata'
+  return json.loads(meta.read_text()) if meta.exists() else None
+
+
+def abstract_params_on(cfg: ModelConfig, mesh=None, lora: LoraConfig = LoraConfig()):
+  """The parameter tree (with `lora`'s adapters and base storage) as ShapeDtypeStructs placed on `mesh`
+  by their logical axes (FSDP/tensor sharded as in training), or on the first device when `mesh` is
+  None: a target for `load_params`."""
+  shapes = abstract_params(cfg, lora=lora)
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shapes = abstract_params(cfg)
     return sharding.placed(shapes, jax.tree.map(lambda _: device, shapes))
-  return sharding.placed(abstract_params(cfg), sharding.tree_shardings(abstract_params(cfg, boxed=True),
-                                                                       mesh))
+  return sharding.placed(shapes, sharding.tree_shardings(abstract_params(cfg, True, lora), mesh))
 
 
 @contextlib.contextmanager
@@ -182,10 +193,11 @@ def load_params(path, abstract: Any) -> Any:
                          ocp.checkpoint_utils.construct_restore_args(abstract))
 
 
-def load_params_numpy(path, cfg: ModelConfig, dtype: str) -> dict:
+def load_params_numpy(path, cfg: ModelConfig, dtype: str, expected: Any = None) -> dict:
   """A checkpoint's parameters as host numpy arrays, cast to `dtype` as they are read (no device and
-  no second copy), after checking every shape against `cfg`; checksums as in `load_params`."""
-  expected = abstract_params(cfg)
+  no second copy), after checking every shape against `cfg` (or the tree of shapes `expected`);
+  checksums as in `load_params`."""
+  expected = abstract_params(cfg) if expected is None else expected
   target = jax.tree.map(lambda s: np.empty((0,), DTYPES[dtype]), expected)
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=DTYPES[dtype]),
                               expected)
@@ -215,19 +227,20 @@ def step_items(state: ocp.args.CheckpointArgs, cfg: ModelConfig | None, **extra)
   return ocp.args.Composite(**items)
 
 
-def save_params(directory, cfg: ModelConfig, params: dict, step: int = 0):
+def save_params(directory, cfg: ModelConfig, params: dict, step: int = 0, lora: dict | None = None):
   """Writes `<directory>/<step>/` with state = {'params': params} (host numpy arrays, e.g. an imported
-  Hugging Face model), without the memory orbax would otherwise add: its default numpy handler
-  deep-copies every array before writing, and OCDBT buffers all the written data until the end unless
-  told to close data files at a target size."""
+  Hugging Face model, or imported adapters with their `lora` reference), without the memory orbax
+  would otherwise add: its default numpy handler deep-copies every array before writing, and OCDBT
+  buffers all the written data until the end unless told to close data files at a target size."""
   registry = ocp.type_handlers.create_type_handler_registry(
       (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
       (jax.Array, ocp.type_handlers.ArrayHandler()))
   options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False)
   handlers = {STATE: ocp.PyTreeCheckpointHandler(type_handler_registry=registry, save_concurrent_gb=1),
-              MODEL_CONFIG: ocp.JsonCheckpointHandler()}
+              MODEL_CONFIG: ocp.JsonCheckpointHandler(), LORA: ocp.JsonCheckpointHandler()}
   with ocp.CheckpointManager(absolute(directory), options=options, item_handlers=handlers) as manager:
     state = ocp.args.PyTreeSave({'params': params}, ocdbt_target_data_file_size=64 * 2**20)
-    manager.save(step, args=step_items(state, cfg))
+    extra = {LORA: ocp.args.JsonSave(lora)} if lora else {}
+    manager.save(step, args=step_items(state, cfg, **extra))
     manager.wait_until_finished()
   checksums.write_manifest(absolute(directory) / str(step))

@@ -34,6 +34,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ('head_dim', None),
     ('layers', None),
     ('norm', None),
+    ('lora_rank', None),     # LoRA adapters' inner axis (model/lora.py)
+    ('quant_blocks', None),  # block scales of a quantized weight
 )
 
 BATCH_AXES = ('batch', 'length')

@@ -16,8 +16,10 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from model import attention as attention_lib
+from model import lora as lora_lib
 from model import remat
 from model.config import ModelConfig
+from model.lora import LoraConfig
 
 
 def _param(module, name, shape, axes, init, dtype):
@@ -58,6 +60,35 @@ def _shard_gradient_bwd(axes, _, g):
 
 
 _shard_gradient.defvjp(_shard_gradient_fwd, _shard_gradient_bwd)
+
+
+def _project(module, name, subscripts, x, shape, axes):
+  """x [B, T, ...] times the module's weight `name` (a projection of model/lora.py), created here with
+  `shape` and logical `axes`: stored quantized when `module.lora` says so, and with a low-rank adapter
+  added when it targets this weight (and `module.use_adapters`)."""
+  cfg, lora = module.config, module.lora
+  dtype = jnp.dtype(cfg.dtype)
+  b, t = x.shape[:2]
+  tokens = x.reshape(b * t, *x.shape[2:])  # see _token_einsum
+  if lora.quantized:
+    codes = _param(module, name, shape, axes, nn.initializers.zeros, lora_lib.QUANTIZED[lora.base_dtype])
+    scale_shape, scale_axes = lora_lib.scale_shape_and_axes(name, shape, axes, lora.block_size)
+    scale = _param(module, name + lora_lib.SCALE_SUFFIX, scale_shape, scale_axes,
+                   nn.initializers.ones, 'float32')
+    y = lora_lib.dequantized_einsum(subscripts, tokens, codes, scale, lora.base_dtype,
+                                    lora_lib.block_axis(name), dtype)
+  else:
+    w = _param(module, name, shape, axes, nn.initializers.normal(cfg.init_std), cfg.param_dtype)
+    y = jnp.einsum(subscripts, tokens, w.astype(dtype))
+  if lora.targets_path('/'.join(module.path + (name,))) and module.use_adapters:
+    (a_shape, a_axes), (b_shape, b_axes) = lora_lib.adapter_shapes(name, shape, axes, lora.rank)
+    a = _param(module, name + '_lora_a', a_shape, a_axes, lora_lib.a_init(a_shape), 'float32')
+    b_ = _param(module, name + '_lora_b', b_shape, b_axes, nn.initializers.zeros, 'float32')
+    if lora.dropout and module.has_rng('dropout'):
+      keep = jax.random.bernoulli(module.make_rng('dropout'), 1 - lora.dropout, tokens.shape)
+      tokens = jnp.where(keep, tokens / (1 - lora.dropout), 0).astype(tokens.dtype)
+    y = y + lora_lib.delta(subscripts, tokens, a, b_, lora.scale, dtype)
+  return y.reshape(b, t, *y.shape[1:])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -158,20 +189,17 @@ class Attention(nn.Module):
   (collection 'cache') and queries attend to everything cached so far."""
   config: ModelConfig
   decode: bool = False
+  lora: LoraConfig = LoraConfig()
+  use_adapters: bool = True
 
   @nn.compact
   def __call__(self, x, segment_ids, positions):
     cfg = self.config
     d, n, k, h = cfg.embed_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    dtype, init = jnp.dtype(cfg.dtype), nn.initializers.normal(cfg.init_std)
-    wq = _param(self, 'q_proj', (d, n, h), ('embed', 'heads', 'head_dim'), init, cfg.param_dtype)
-    wk = _param(self, 'k_proj', (d, k, h), ('embed', 'kv_heads', 'head_dim'), init, cfg.param_dtype)
-    wv = _param(self, 'v_proj', (d, k, h), ('embed', 'kv_heads', 'head_dim'), init, cfg.param_dtype)
-    wo = _param(self, 'o_proj', (n, h, d), ('heads', 'head_dim', 'embed'), init, cfg.param_dtype)
-
-    q = _token_einsum('XD,DNH->XNH', x, wq.astype(dtype))
-    k_ = _token_einsum('XD,DKH->XKH', x, wk.astype(dtype))
-    v = _token_einsum('XD,DKH->XKH', x, wv.astype(dtype))
+    dtype = jnp.dtype(cfg.dtype)
+    q = _project(self, 'q_proj', 'XD,DNH->XNH', x, (d, n, h), ('embed', 'heads', 'head_dim'))
+    k_ = _project(self, 'k_proj', 'XD,DKH->XKH', x, (d, k, h), ('embed', 'kv_heads', 'head_dim'))
+    v = _project(self, 'v_proj', 'XD,DKH->XKH', x, (d, k, h), ('embed', 'kv_heads', 'head_dim'))
     if cfg.qkv_bias:
       zeros = nn.initializers.zeros
       q = q + _param(self, 'q_bias', (n, h), ('heads', 'head_dim'), zeros, cfg.param_dtype).astype(dtype)
@@ -180,6 +208,9 @@ class Attention(nn.Module):
     q = _constrain(checkpoint_name(q, 'query_proj'), ('batch', 'length', 'act_heads', 'head_dim'))
     k_ = _constrain(checkpoint_name(k_, 'key_proj'), ('batch', 'length', 'act_kv_heads', 'head_dim'))
     v = _constrain(checkpoint_name(v, 'value_proj'), ('batch', 'length', 'act_kv_heads', 'head_dim'))
+    if cfg.qk_norm:  # each head normalised over head_dim, one scale shared by all heads
+      norm = functools.partial(RMSNorm, cfg.norm_eps, cfg.dtype, cfg.param_dtype)
+      q, k_ = norm(name='q_norm')(q), norm(name='k_norm')(k_)
 
     inv_freq = rope_inverse_frequencies(cfg)
     q, k_ = apply_rope(q, positions, inv_freq), apply_rope(k_, positions, inv_freq)
@@ -189,7 +220,8 @@ class Attention(nn.Module):
     else:
       out = attention_lib.get(cfg.attention, dtype)(q, k_, v, segment_ids, segment_ids)
     out = _constrain(checkpoint_name(out, 'attention_out'), ('batch', 'length', 'act_heads', 'head_dim'))
-    return checkpoint_name(_token_einsum('XNH,NHD->XD', out, wo.astype(dtype)), 'attention_proj')
+    out = _project(self, 'o_proj', 'XNH,NHD->XD', out, (n, h, d), ('heads', 'head_dim', 'embed'))
+    return checkpoint_name(out, 'attention_proj')
 
   def _update_cache(self, k, v, segment_ids):
     """Writes this call's keys/values at the cache index; returns the whole cache.
@@ -216,34 +248,33 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
   """SwiGLU: down(silu(gate(x)) * up(x))."""
   config: ModelConfig
+  lora: LoraConfig = LoraConfig()
+  use_adapters: bool = True
 
   @nn.compact
   def __call__(self, x):
-    cfg = self.config
-    dtype, init = jnp.dtype(cfg.dtype), nn.initializers.normal(cfg.init_std)
-    d, f = cfg.embed_dim, cfg.mlp_dim
-    w_gate = _param(self, 'gate_proj', (d, f), ('embed', 'mlp'), init, cfg.param_dtype)
-    w_up = _param(self, 'up_proj', (d, f), ('embed', 'mlp'), init, cfg.param_dtype)
-    w_down = _param(self, 'down_proj', (f, d), ('mlp', 'embed'), init, cfg.param_dtype)
-    gate = _token_einsum('XD,DF->XF', x, w_gate.astype(dtype))
-    up = _token_einsum('XD,DF->XF', x, w_up.astype(dtype))
+    d, f = self.config.embed_dim, self.config.mlp_dim
+    gate = _project(self, 'gate_proj', 'XD,DF->XF', x, (d, f), ('embed', 'mlp'))
+    up = _project(self, 'up_proj', 'XD,DF->XF', x, (d, f), ('embed', 'mlp'))
     hidden = _constrain(checkpoint_name(nn.silu(gate) * up, 'mlp_hidden'), ('batch', 'length', 'act_mlp'))
-    return _token_einsum('XF,FD->XD', hidden, w_down.astype(dtype))
+    return _project(self, 'down_proj', 'XF,FD->XD', hidden, (f, d), ('mlp', 'embed'))
 
 
 class DecoderLayer(nn.Module):
   """Pre-norm block. Returns (x, None) so that it can be the body of `nn.scan`."""
   config: ModelConfig
   decode: bool = False
+  lora: LoraConfig = LoraConfig()
+  use_adapters: bool = True
 
   @nn.compact
   def __call__(self, x, segment_ids, positions):
     cfg = self.config
     norm = functools.partial(RMSNorm, cfg.norm_eps, cfg.dtype, cfg.param_dtype)
     x = _constrain(x, ('batch', 'length', 'act_embed'))
-    attn = Attention(cfg, self.decode, name='attn')
+    attn = Attention(cfg, self.decode, self.lora, self.use_adapters, name='attn')
     x = x + attn(norm(name='attn_norm')(x), segment_ids, positions)
-    x = x + Mlp(cfg, name='mlp')(norm(name='mlp_norm')(x))
+    x = x + Mlp(cfg, self.lora, self.use_adapters, name='mlp')(norm(name='mlp_norm')(x))
     return _constrain(x, ('batch', 'length', 'act_embed')), None
 
 
@@ -251,9 +282,14 @@ class Transformer(nn.Module):
   """tokens [B, T] (+ segment_ids, positions for packed rows) -> logits [B, T, V] in float32.
 
   With `decode=True` the same parameters run incrementally over a key/value cache (generation).
+  With `lora` (model/lora.py), the projections carry low-rank adapters over a frozen, possibly
+  quantized base; `use_adapters=False` runs the same parameters as the base alone (adapters off, no
+  second copy of any weight: e.g. the reference model of preference tuning).
   """
   config: ModelConfig
   decode: bool = False
+  lora: LoraConfig = LoraConfig()
+  use_adapters: bool = True
 
   def setup(self):
     cfg = self.config
@@ -271,11 +307,13 @@ class Transformer(nn.Module):
       layer = nn.remat(layer, policy=remat.POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       self.layers = nn.scan(
-          layer, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True},
+          layer, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True, 'dropout': True},
           in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
-          metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, self.decode, name='layers')
+          metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, self.decode, self.lora, self.use_adapters,
+                                                         name='layers')
     else:
-      self.layers = [layer(cfg, self.decode, name=f'layers_{i}') for i in range(cfg.n_layers)]
+      self.layers = [layer(cfg, self.decode, self.lora, self.use_adapters, name=f'layers_{i}')
+                     for i in range(cfg.n_layers)]
     self.final_norm = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype)
 
   def __call__(self, tokens, segment_ids=None, positions=None):
@@ -311,15 +349,16 @@ class Transformer(nn.Module):
     return _constrain(logits, ('batch', 'length', 'act_vocab'))
 
 
-def init_params(cfg: ModelConfig, rng):
+def init_params(cfg: ModelConfig, rng, lora: LoraConfig = LoraConfig()):
   """Freshly initialised parameters, each leaf still boxed with its logical axes
-  (flax LogicallyPartitioned): the one place the parameter tree is built."""
-  return Transformer(cfg).init(rng, jnp.zeros((1, 8), jnp.int32))['params']
+  (flax LogicallyPartitioned): the one place the parameter tree is built. With `lora`, the adapters
+  too, and the base as `lora.base_dtype` stores it."""
+  return Transformer(cfg, lora=lora).init(rng, jnp.zeros((1, 8), jnp.int32))['params']
 
 
-def abstract_params(cfg: ModelConfig, boxed: bool = False):
+def abstract_params(cfg: ModelConfig, boxed: bool = False, lora: LoraConfig = LoraConfig()):
   """The parameter tree as ShapeDtypeStructs, computing nothing; `boxed` keeps the logical axes."""
-  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), lora))
   return shapes if boxed else nn.meta.unbox(shapes)
 
 

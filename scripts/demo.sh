@@ -17,40 +17,50 @@ score() {  # $1: checkpoint, $2: label
     --chat-template llama2 --label "$2" --json-out "$1/exact_match.json"
 }
 
-echo "== 1/6 demo corpus and instruction set"
+echo "== 1/7 demo corpus and instruction set"
 $PY -m data.demo_corpus --out "$DEMO/data" --sft_out "$DEMO/sft_data"
-echo "== 2/6 tokenizer"
+echo "== 2/7 tokenizer"
 $PY -m data.tokenizer --input="$DEMO/data/train.jsonl" --format=jsonl --vocab_size=2048 --out="$TOK"
-echo "== 3/6 pretraining (configs/tiny.py, $PRETRAIN_STEPS steps)"
+echo "== 3/7 pretraining (configs/tiny.py, $PRETRAIN_STEPS steps)"
 $PY -m train.pretrain --config=configs/tiny.py --workdir="$DEMO/pretrain" \
   --config.train.steps="$PRETRAIN_STEPS" --config.data.train_files="$DEMO/data/train.jsonl" \
   --config.data.eval_files="$DEMO/data/eval.jsonl" --config.data.tokenizer="$TOK"
-echo "== 4/6 held-out questions, before instruction tuning"
+echo "== 4/7 held-out questions, before instruction tuning"
 score "$DEMO/pretrain" "Before instruction tuning: "
-echo "== 5/6 instruction tuning (configs/sft_tiny.py, $SFT_STEPS steps)"
+echo "== 5/7 instruction tuning (configs/sft_tiny.py, $SFT_STEPS steps)"
 $PY -m train.sft --config=configs/sft_tiny.py --workdir="$DEMO/sft" --config.init_from="$DEMO/pretrain" \
   --config.train.steps="$SFT_STEPS" --config.data.train_files="$DEMO/sft_data/train.jsonl" \
   --config.data.eval_files="$DEMO/sft_data/eval.jsonl" --config.data.tokenizer="$TOK"
-echo "== 6/6 held-out questions, after instruction tuning"
+echo "== 6/7 held-out questions, after instruction tuning"
 score "$DEMO/sft" "After instruction tuning: "
 $PY -m model.generate --ckpt "$DEMO/sft" --tokenizer "$TOK" --chat-template llama2 --max-new-tokens 8 \
   --prompt "What is the last word of this sentence?
 Every program has a beginning and an end" \
   --prompt "How many words are in this sentence?
 The answer is written below"
+echo "== 7/7 LoRA instruction tuning instead (configs/sft_tiny_lora.py: rank-16 adapters, base frozen)"
+$PY -m train.sft --config=configs/sft_tiny_lora.py --workdir="$DEMO/sft_lora" \
+  --config.init_from="$DEMO/pretrain" --config.train.steps="$SFT_STEPS" \
+  --config.data.train_files="$DEMO/sft_data/train.jsonl" --config.data.eval_files="$DEMO/sft_data/eval.jsonl" \
+  --config.data.tokenizer="$TOK"
+score "$DEMO/sft_lora" "After LoRA instruction tuning: "
 
 $PY - "$DEMO" "$START" <<'PYEOF'
 import json, sys, time
 demo, start = sys.argv[1], int(sys.argv[2])
 def evals(run):
   return json.load(open(f'{demo}/{run}/eval_results.json'))
-pre, sft = evals('pretrain'), evals('sft')
-before, after = (json.load(open(f'{demo}/{r}/exact_match.json')) for r in ('pretrain', 'sft'))
+pre, sft, lora = evals('pretrain'), evals('sft'), evals('sft_lora')
+before, after, after_lora = (json.load(open(f'{demo}/{r}/exact_match.json'))
+                             for r in ('pretrain', 'sft', 'sft_lora'))
 print('\n== Summary')
 print(f"Pretraining held-out loss: {pre[0]['eval_loss']:.3f} (step {pre[0]['step']}) -> "
       f"{pre[-1]['eval_loss']:.3f} (step {pre[-1]['step']})")
 print(f"Instruction tuning held-out answer loss: {sft[0]['eval_loss']:.3f} (step {sft[0]['step']}) -> "
       f"{sft[-1]['eval_loss']:.3f} (step {sft[-1]['step']})")
 print(f"Held-out exact-match accuracy: {100 * before['accuracy']:.1f}% -> {100 * after['accuracy']:.1f}%")
+print(f"LoRA instruction tuning held-out answer loss: {lora[0]['eval_loss']:.3f} -> "
+      f"{lora[-1]['eval_loss']:.3f}; exact match {100 * before['accuracy']:.1f}% -> "
+      f"{100 * after_lora['accuracy']:.1f}%")
 print(f"Demo wall time: {time.time() - start:.0f} s")
 PYEOF

@@ -59,8 +59,12 @@ def test_scanned_program_does_not_grow_with_depth():
   assert _hlo_size(32) < 1.05 * _hlo_size(4)
 
 
-def test_data_benchmark_measures_the_pretraining_pipeline(demo_data):
-  r = data_benchmark.benchmark_pretraining(demo_data['train'], demo_data['tokenizer'], seq_len=256,
-                                           batch=4, seconds=1.0)
+@pytest.mark.parametrize('fmt', ['jsonl', 'parquet'])
+def test_data_benchmark_measures_the_pretraining_pipeline(demo_data, tmp_path, fmt):
+  files = demo_data['train']
+  if fmt == 'parquet':
+    files = data_benchmark.write_parquet(files, str(tmp_path / 'train.parquet'))
+  r = data_benchmark.benchmark_pretraining(files, demo_data['tokenizer'], seq_len=256, batch=4,
+                                           seconds=1.0, fmt=fmt)
   assert r['batches'] > 0 and r['tokens_per_s'] > 0
   assert r['fill'] == pytest.approx(1.0)  # pretraining rows are packed full

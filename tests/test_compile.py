@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from configs import tiny
+from configs import scale, tiny
 from train import topology as compile_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,6 +44,22 @@ def test_tiny_compiles_for_a_tpu_slice(tiny_report):
   assert r.state == pytest.approx(3 * 4 * params / 4, rel=0.01)
   assert r.argument >= r.state and r.temp > 0
   assert 'fits' in r.summary() and 'per chip' in r.summary()
+
+
+def test_qlora_step_compiles_for_one_chip():
+  """The LoRA step over an nf4 base (scanned, rematerialised) compiles for TPU: what trains is the
+  adapters, and the frozen base is in the state as codes and scales."""
+  config = tiny.get_config()
+  config.train.batch_size, config.train.seq_len = 2, 256
+  config.model.update(dict(scan_layers=True, remat_policy='full', dtype='bfloat16'))
+  config.lora.update(dict(rank=8, base_dtype='nf4'))
+  r = compile_lib.compile_step(config, compile_lib.parse_topology('v5e-1'), 'tiny QLoRA')
+  assert r.fits, r.summary()
+  d, f, layers = 128, 384, 4  # tiny: q 2x64, k/v 1x64, o, gate/up/down
+  per_layer = 8 * ((d + 128) + 2 * (d + 64) + (128 + d) + 2 * (d + f) + (f + d))
+  assert r.trainable == layers * per_layer
+  assert 'LoRA rank 8 on q,k,v,o,gate,up,down over a frozen nf4 base' in r.summary()
+  assert f'{r.trainable:,} trainable parameters' in r.summary()
 
 
 def test_advice_when_it_does_not_fit(tiny_report):
@@ -85,6 +101,25 @@ def test_config_variants():
   assert compile_lib.step_name(compile_lib.load_config('configs/llama3_8b.py')) == 'pretraining step'
 
 
+def test_compiles_the_model_of_init_from(tmp_path):
+  """train.compile takes the model from config.init_from as training does (train/checkpoint.py
+  model_config): the state compiled is that checkpoint's model's, not the config's preset's."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from model import ModelConfig, abstract_params, count_params  # pylint: disable=import-outside-toplevel
+  from model import params as params_lib  # pylint: disable=import-outside-toplevel
+  cfg = ModelConfig(vocab_size=512, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                    mlp_dim=128, max_seq_len=1024, qk_norm=True)
+  zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(cfg))
+  params_lib.save_params(str(tmp_path / 'checkpoints'), cfg, zeros)
+  config = tiny.get_config()
+  config.init_from = str(tmp_path)
+  config.train.batch_size, config.train.seq_len = 2, 128
+  report = compile_lib.compile_step(config, compile_lib.parse_topology('v5e-1'))
+  # float32 parameters and two moments, plus the step counters
+  assert report.fits and report.state == pytest.approx(3 * 4 * count_params(cfg), abs=64)
+
+
 def test_command_line():
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
   cmd = [sys.executable, '-m', 'train.compile', '--config=configs/tiny.py', '--topology=v5e-1',
@@ -109,8 +144,12 @@ def test_every_config_file_and_slice_loads_and_validates():
     variants = [(path, 4 if slices else 1)]  # the slice configs default to v5p-8: 4 chips
     variants += [(f'{path}:{o}', compile_lib.parse_topology(s).num_chips)
                  for s in slices for o in (s, f'{s},sft')]
+    if slices:  # the 7-8B configs: LoRA and QLoRA slices too
+      variants += [(f'{path}:{s},sft,lora', compile_lib.parse_topology(s).num_chips)
+                   for s in scale.LORA_SLICES]
     for variant, chips in variants:
       config = compile_lib.load_config(variant)
-      validate.check(config, ModelConfig.from_dict(config.model), chips)
+      validate.check(config, ModelConfig.from_dict(config.model), chips,
+                     lora=validate.lora_config(config))
       checked += 1
-  assert checked >= 5 + 4 * 6
+  assert checked >= 5 + 4 * 6 + 4 * 3

@@ -67,11 +67,10 @@ def test_tokenizer_cli_shows_corpus_read(tmp_path):
 
 
 class _Template:
-  def prompt_ids(self, tokenizer, messages):
-    return [1, 5, 6]
+  stop_ids = [2]
 
-  def stop_ids(self, tokenizer):
-    return [2]
+  def prompt_ids(self, messages):
+    return [1, 5, 6]
 
 
 class _Tokenizer:

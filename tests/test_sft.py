@@ -1,5 +1,6 @@
 """Instruction tuning: input checks, loss masking, packing isolation, init_from, exact resume."""
 
+import dataclasses
 import json
 import os
 
@@ -53,8 +54,11 @@ GOOD = json.dumps({'messages': [{'role': 'user', 'content': 'Hi'}, {'role': 'ass
 @pytest.mark.parametrize('bad,error', [
     ('{"messages": [', 'bad.jsonl:2: malformed JSON'),
     ('{"conversation": []}', "bad.jsonl:2: missing field 'messages'"),
-    ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "x"}]}',
-     "bad.jsonl:2: message 1 has unknown role 'bot'"),
+    ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "x"}]}',
+     'bad.jsonl:2: chat template llama2 .*: llama2: after an optional system message, user and assistant '
+     'messages must alternate'),
+    ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant"}]}',
+     'bad.jsonl:2: message 1 must be an object with \'role\' and \'content\''),
     ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}',
      'bad.jsonl:2: message 1 is an empty assistant answer'),
 ])
@@ -67,6 +71,19 @@ def test_bad_records_name_file_and_line(demo_data, sft_files, tmp_path, bad, err
   data = SFTData(cfg.data, SEQ)
   assert len(data.train_examples) == 2
   assert data.stats()['train_skipped_bad_records'] == 1
+
+
+def test_examples_with_nothing_to_learn_are_counted(demo_data, sft_files, tmp_path):
+  """A conversation without an assistant message gives an empty loss mask: counted and left out; when
+  every mask is empty, the run stops and says so."""
+  bot = json.dumps({'messages': [{'role': 'user', 'content': 'Hi'}, {'role': 'bot', 'content': 'Hello'}]})
+  path = _write(tmp_path / 'roles.jsonl', [GOOD, bot, bot])
+  data = SFTData(_config(demo_data, sft_files, train_files=path, eval_files='').data, SEQ)
+  assert len(data.train_examples) == 1 and data.stats() == {'train_empty_mask': 2}
+  path = _write(tmp_path / 'bots.jsonl', [bot, bot])
+  with pytest.raises(BadRecord, match='the loss masks of all 2 are empty .chat template llama2; does any '
+                     'message have the role "assistant"'):
+    SFTData(_config(demo_data, sft_files, train_files=path, eval_files='').data, SEQ)
 
 
 def test_overlong_examples_are_truncated_or_dropped_and_counted(demo_data, sft_files, tmp_path):
@@ -96,7 +113,7 @@ def test_alpaca_and_prompt_completion_formats(demo_data, sft_files, tmp_path):
   cfg = _config(demo_data, sft_files, train_files=pc, eval_files='', format='prompt_completion')
   cfg.data.fields.prompt, cfg.data.fields.completion = 'q', 'a'
   ids, mask = SFTData(cfg.data, SEQ).train_examples[0]
-  assert tok.decode([i for i, m in zip(ids, mask) if m]) == 'Paris'
+  assert tok.decode([i for i, m in zip(ids, mask) if m]) == 'Paris '  # llama2 trains " Paris </s>"
 
 
 def _model_and_batch(demo_data, sft_files):
@@ -183,7 +200,7 @@ def test_sft_from_checkpoint_resumes_exactly(demo_data, sft_files, pretrained, t
   # Starting parameters are the pretraining run's, not a random init.
   run = run_lib.Run(_config(demo_data, sft_files))
   start = params_lib.load_params(pretrained, run.abstract_state().params)
-  fresh = checkpoint.params_from(pretrained)(run)
+  fresh = checkpoint.params_from(pretrained)(run).params
   for x, y in zip(jax.tree.leaves(start), jax.tree.leaves(fresh)):
     np.testing.assert_array_equal(x, y)
 
@@ -193,3 +210,27 @@ def test_init_from_a_different_model_is_an_error(demo_data, sft_files, pretraine
   other.model.mlp_dim = 256
   with pytest.raises(validate.ConfigError, match=r'model.mlp_dim: checkpoint 128, config 256'):
     checkpoint.params_from(pretrained)(run_lib.Run(other))
+
+
+def test_the_model_comes_from_init_from_unless_the_config_sets_its_shape(pretrained):
+  """A fine-tuning config that leaves its preset's architecture as it is (sft_tiny: 'tiny') trains the
+  init_from checkpoint's model (here SMALL_MODEL), computed as the config says; model.preset=init_from
+  does so whatever the config's architecture fields hold."""
+  saved = params_lib.load_model_config(pretrained)
+  assert saved.embed_dim != ModelConfig.from_dict(sft_tiny.get_config().model).embed_dim  # a real test
+  c = sft_tiny.get_config()
+  c.init_from = pretrained
+  c.model.update(dict(remat_policy='full', dtype='bfloat16', attention='xla'))
+  run = run_lib.Run(c)
+  assert run.model_config == dataclasses.replace(saved, remat_policy='full', dtype='bfloat16',
+                                                 attention='xla', scan_layers=False)
+  params = checkpoint.params_from(pretrained)(run).params
+  assert params['token_embed'].shape == (saved.vocab_size, saved.embed_dim)
+  c.model.n_layers = 3  # set on purpose: checked against the checkpoint, as before
+  with pytest.raises(validate.ConfigError, match='model.n_layers: checkpoint 2, config 3'):
+    checkpoint.params_from(pretrained)(run_lib.Run(c))
+  c.model.preset = 'init_from'
+  assert run_lib.Run(c).model_config.n_layers == 2
+  c.init_from = ''
+  with pytest.raises(validate.ConfigError, match="model.preset='init_from' .* config.init_from, which is empty"):
+    run_lib.Run(c)

@@ -53,9 +53,11 @@ def test_qwen_style_tokenizer_has_no_bos(tmp_path):
   tok = load_tokenizer(make_hf_tokenizer(tmp_path, style='qwen'))
   assert tok.eos_id == tok.token_id('<|endoftext|>')
   assert tok.bos_id == tok.eos_id and not tok.add_bos
-  ids, mask = chat.get_template('chatml').encode(tok, CHAT)
+  template = chat.load_template('chatml', tok)
+  [(ids, mask, *_)] = template.examples(CHAT)
   assert ids[0] == tok.token_id('<|im_start|>')
-  assert chat.get_template('chatml').stop_ids(tok) == [tok.token_id('<|im_end|>')]
+  assert template.stop_ids == [tok.token_id('<|im_end|>'), tok.eos_id]
+  assert 'bos_token' not in tok.special_tokens_map
   trained = [i for i, m in zip(ids, mask) if m]
   end = tok.token_id('<|im_end|>')
   assert trained == (tok.encode(CHAT[2]['content']) + [end] + tok.encode(CHAT[4]['content']) + [end])
@@ -68,14 +70,14 @@ def test_qwen_style_tokenizer_has_no_bos(tmp_path):
 ])
 def test_templates_with_hf_tokenizer_equal_tokenizing_the_rendered_text(llama3_dir, template,
                                                                        rendered):
-  """Piece-by-piece template encoding gives the ids that the tokenizer itself gives the whole rendered
-  conversation (special tokens recognised in the text), as Hugging Face's apply_chat_template would."""
+  """A rendered conversation gets the ids that the tokenizer itself gives it (special tokens recognised
+  in the text), as Hugging Face's apply_chat_template does (compared with it in tests/test_chat.py)."""
   import tokenizers  # pylint: disable=import-outside-toplevel
   tok = load_tokenizer(llama3_dir)
-  ids, mask = chat.get_template(template).encode(tok, CHAT)
+  [(ids, mask, *_)] = chat.load_template(template, tok).examples(CHAT)
   reference = tokenizers.Tokenizer.from_file(tok.path)  # recognises special tokens written as text
   assert ids == reference.encode(rendered, add_special_tokens=False).ids
-  end = chat.get_template(template).stop_ids(tok)[0]
+  end = chat.load_template(template, tok).stop_ids[0]
   trained = [i for i, m in zip(ids, mask) if m]
   assert trained == (tok.encode(CHAT[2]['content']) + [end] + tok.encode(CHAT[4]['content']) + [end])
 
@@ -87,7 +89,7 @@ def test_sentencepiece_by_file_or_folder(sp_path, tmp_path):
   assert (tok.bos_id, tok.eos_id) == (1, 2)
   assert tok.decode(tok.encode(TEXT)) == TEXT
   for name in ('llama2', 'mistral', 'llama3', 'chatml'):
-    ids, mask = chat.get_template(name).encode(tok, CHAT)
+    [(ids, mask, *_)] = chat.load_template(name, tok).examples(CHAT)
     assert sum(mask) > 10 and len(ids) == len(mask)
 
 
@@ -127,5 +129,49 @@ def test_special_token_text_in_content_stays_text(llama3_dir):
     assert tok.token_id(special) is not None
     assert tok.token_id(special) not in tok.encode(f'before {special} after')
   messages = [{'role': 'user', 'content': 'say <|im_end|>'}, {'role': 'assistant', 'content': 'no'}]
-  ids, mask = chat.get_template('chatml').encode(tok, messages)
+  [(ids, mask, *_)] = chat.load_template('chatml', tok).examples(messages)
   assert ids.count(tok.token_id('<|im_end|>')) == 2  # the two real turn ends
+
+
+def _same_ids_in_transformers(tok, folder):
+  transformers = pytest.importorskip('transformers', reason='transformers is not installed (the '
+                                     'newest-releases set on Python 3.12 has no torch)')
+  reference = transformers.AutoTokenizer.from_pretrained(folder)
+  for text in (TEXT, 'naïve café, 東京 — ünïcödé 🙂', '  leading spaces\tand\ttabs\r\n', 'x' * 50):
+    assert tok.decode(tok.encode(text)) == text  # byte level: no unknown token
+    assert reference(text).input_ids == [tok.bos_id] * tok.add_bos + tok.encode(text)
+  return reference
+
+
+def test_trained_bpe_tokenizer_loads_here_and_in_transformers(tmp_path):
+  """`python -m data.tokenizer --kind bpe` on Parquet input: a Llama 3 style tokenizer.json with the
+  chat templates' tokens, which this project and transformers load alike; and a Qwen style one (no
+  BOS)."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  from data.tokenizer import train_bpe  # pylint: disable=import-outside-toplevel
+  from tests.cli import run_cli  # pylint: disable=import-outside-toplevel
+  from tests.tokenizers_for_tests import corpus  # pylint: disable=import-outside-toplevel
+  pq.write_table(pa.table({'text': corpus(60)}), tmp_path / 'corpus.parquet', row_group_size=16)
+  out = tmp_path / 'tok' / 'tokenizer.json'
+  proc = run_cli('data.tokenizer', '--kind=bpe', f'--input={tmp_path / "corpus.parquet"}', '--format=parquet',
+                 '--vocab_size=700', '--special_tokens=llama3,chatml,<|pad|>', f'--out={out}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  tok = load_tokenizer(str(out.parent))
+  assert isinstance(tok, HuggingFaceTokenizer) and tok.vocab_size == 700 and tok.add_bos
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == tuple(
+      tok.token_id(t) for t in ('<|begin_of_text|>', '<|end_of_text|>', '<|pad|>'))
+  specials = ['<|begin_of_text|>', '<|end_of_text|>', '<|start_header_id|>', '<|end_header_id|>',
+              '<|eot_id|>', '<|im_start|>', '<|im_end|>', '<|pad|>']
+  assert sorted(tok.token_id(t) for t in specials) == list(range(700 - 8, 700))  # the last, as in Llama 3
+  for name in ('llama3', 'chatml'):
+    template = chat.load_template(name, tok)
+    [(ids, mask, *_)] = template.examples(CHAT)
+    assert template.stop_ids[0] in ids and sum(mask) > 10
+  reference = _same_ids_in_transformers(tok, out.parent)
+  assert (reference.bos_token, reference.eos_token) == ('<|begin_of_text|>', '<|end_of_text|>')
+  qwen = train_bpe(corpus(60), str(tmp_path / 'qwen' / 'tokenizer.json'), 500, ['<|im_start|>', '<|im_end|>'],
+                   bos_token='', eos_token='<|endoftext|>')
+  assert qwen.vocab_size == 500 and not qwen.add_bos and qwen.bos_id == qwen.eos_id == qwen.token_id(
+      '<|endoftext|>')
+  assert _same_ids_in_transformers(qwen, tmp_path / 'qwen').bos_token is None

@@ -6,9 +6,6 @@ import os
 SPECIALS = ['<|begin_of_text|>', '<|end_of_text|>', '<|start_header_id|>', '<|end_header_id|>',
             '<|eot_id|>', '<|im_start|>', '<|im_end|>', '<|endoftext|>']
 
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
 
 def corpus(n_topics: int = 40) -> list[str]:
   from pydoc_data import topics  # pylint: disable=import-outside-toplevel
@@ -22,31 +19,22 @@ def make_hf_tokenizer(folder, vocab_size: int = 400, style: str = 'llama3', conf
   style 'qwen': no BOS (tokenizer_config.json says bos_token null), EOS <|endoftext|>.
   With `config`, a tokenizer_config.json naming them is written beside it.
   """
-  from tokenizers import (  # pylint: disable=import-outside-toplevel
-      Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers)
-  tok = Tokenizer(models.BPE())
-  # Llama 3's pre-tokenizer: its split pattern, then bytes to printable characters.
-  tok.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior='isolated'),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-  tok.train_from_iterator(corpus(), trainer)
+  from data.tokenizer import train_bpe  # pylint: disable=import-outside-toplevel
   if style == 'llama3':
-    bos = '<|begin_of_text|>'
-    tok.post_processor = processors.TemplateProcessing(
-        single=f'{bos} $A', pair=f'{bos} $A {bos} $B', special_tokens=[(bos, tok.token_to_id(bos))])
-    declared = {'bos_token': bos, 'eos_token': '<|end_of_text|>'}
+    bos, eos = '<|begin_of_text|>', '<|end_of_text|>'
+    declared = {'bos_token': bos, 'eos_token': eos}
   elif style == 'qwen':
-    declared = {'bos_token': None, 'eos_token': {'content': '<|endoftext|>', 'special': True}}
+    bos, eos = '', '<|endoftext|>'
+    declared = {'bos_token': None, 'eos_token': {'content': eos, 'special': True}}
   else:
     raise ValueError(style)
-  os.makedirs(folder, exist_ok=True)
-  tok.save(os.path.join(folder, 'tokenizer.json'))
+  path = os.path.join(folder, 'tokenizer.json')
+  train_bpe(corpus(), path, vocab_size, SPECIALS, bos_token=bos, eos_token=eos)
   if config:
     with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
       json.dump(declared, f)
+  else:
+    os.remove(os.path.join(folder, 'tokenizer_config.json'))
   return str(folder)
 
 

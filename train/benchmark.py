@@ -26,7 +26,6 @@ from train import batches as batches_lib
 from train import chips
 from train import metrics as metrics_lib
 from train import run as run_lib
-from train import state as state_lib
 
 FLAGS = flags.FLAGS  # defined by _define_flags() when run as a program
 
@@ -68,7 +67,7 @@ def memory_summary(compiled) -> dict[str, float]:
 def benchmark(config, steps: int = 10, warmup: int = 2) -> dict[str, float]:
   run = run_lib.Run(config)
   tcfg, cfg = config.train, run.model_config
-  state = state_lib.init_state(cfg, run.tx, run.mesh, tcfg.seed)
+  state = run.init_state()  # random, base included (for LoRA too)
   # Two distinct device-resident batches, alternated, so that no host work is timed. Each process
   # feeds its own rows of them.
   shard, _, local = batches_lib.data_shard(run.batch_sharding, tcfg.batch_size)

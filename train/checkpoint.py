@@ -5,8 +5,11 @@ A step folder (model/params.py defines it) holds `state/` (step, params, optimiz
 position). Orbax writes a step to a temporary folder and renames it only when every host has
 finished; the primary host checksums the finished files in orbax's background thread just before
 that rename (model/checksums.py), so an interrupted save never looks like a checkpoint and a committed
-one always has its manifest. Restores check it. Also: the starting parameters of a fine-tuning run
-(`config.init_from`), checked against the config; and `python -m train.checkpoint verify DIR`.
+one always has its manifest. Restores check it. A LoRA run saves its adapters and their optimizer
+state, never the frozen base: its `lora/` item refers to the base's own checkpoint (model/adapters.py),
+from which a resumed run reloads it. Also: the starting point of a fine-tuning run
+(`config.init_from`): the model it defines (`model_config`) and its parameters, checked against the
+config (`params_from`); and `python -m train.checkpoint verify DIR`.
 
   python -m train.checkpoint verify runs/tiny [runs/other ...]   # every step of these workdirs
   python -m train.checkpoint benchmark [--gib 1]                  # checksum speed on this machine
@@ -28,9 +31,12 @@ from absl import flags, logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from model import ModelConfig, checksums, count_params, runtime
+from model import ModelConfig, abstract_params, checksums, count_params, runtime
+from model import adapters as adapters_lib
+from model import hf
 from model import params as params_lib
-from model.config import ARCHITECTURE_FIELDS, preset
+from model.config import ARCHITECTURE_FIELDS, COMPUTE_FIELDS, PRESETS
+from model.lora import LoraConfig
 from train import validate
 
 DATA = 'data'  # the item holding each host's input position
@@ -88,6 +94,7 @@ class Checkpointer:
     self._saving: int | None = None  # the step of the save in flight
     self._model_config = model_config
     self._async = async_save
+    self.lora_reference: dict | None = None  # LoRA: the base the adapters train on, saved with them
     remove_incomplete(self.directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=True,
@@ -100,7 +107,10 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_state: bytes | None) -> bool:
     self.wait()  # orbax waits for the previous save anyway; this also checks that it was written
     extra = {DATA: DataStateSave(data_state)} if data_state is not None else {}
-    items = params_lib.step_items(ocp.args.StandardSave(state), self._model_config, **extra)
+    if self.lora_reference is not None:
+      extra[params_lib.LORA] = ocp.args.JsonSave(self.lora_reference)
+    items = params_lib.step_items(ocp.args.StandardSave(_without_base(state)), self._model_config,
+                                  **extra)
     self._saving = step  # for the commit callback; orbax saves one step at a time
     saved = self._manager.save(step, args=items, force=True)
     if saved:
@@ -119,7 +129,7 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, bytes | None]:
     """Restores onto the shardings in `abstract_state` (any mesh), plus this host's data position,
     while the step's checksums are checked (each host reads its share). Raises DamagedCheckpoint."""
-    items = {params_lib.STATE: ocp.args.StandardRestore(abstract_state)}
+    items = {params_lib.STATE: ocp.args.StandardRestore(_without_base(abstract_state))}
     step_dir = self.directory / str(step)
     has_data = (step_dir / DATA).exists()
     if has_data:
@@ -141,6 +151,9 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f'set aside step {step}')
     self._manager.reload()
     return name
+
+  def lora_reference_of(self, step: int) -> dict | None:
+    return params_lib.load_lora_reference(self.directory / str(step))
 
   def wait(self):
     """Waits for the save in flight. A save that failed in orbax's background threads raises here
@@ -172,6 +185,11 @@ def _on_any_host(found: bool) -> bool:
   return bool(np.max(multihost_utils.process_allgather(np.int32(found))))
 
 
+def _without_base(state):
+  """A train state as checkpoints hold it: without a LoRA run's frozen base (they refer to it)."""
+  return state.replace(frozen=None) if getattr(state, 'frozen', None) is not None else state
+
+
 def remove_incomplete(directory: epath.Path) -> list[str]:
   """Removes the step folders that an interrupted save left unfinished, so that the step can be saved
   again; they are never restored (orbax only lists finalized steps). Returns their names."""
@@ -187,31 +205,106 @@ def remove_incomplete(directory: epath.Path) -> list[str]:
   return names
 
 
-def params_from(path: str) -> Callable:
-  """`init_params` for loop.train (config.init_from): the parameters of the checkpoint at `path`
-  (a workdir, its checkpoints/ folder, a step folder, or an imported Hugging Face model), after
-  checking that it holds the architecture the config describes. The folder is found, and its sizes
-  and metadata checked, at once: before the run loads its data."""
+# `model.preset` value saying that the model is config.init_from's, whatever config.model's other
+# architecture fields say.
+FROM_INIT = 'init_from'
+
+
+def model_config(config: Any) -> ModelConfig:
+  """The ModelConfig a run trains: `config.model`, or, when `config.init_from` is set and either
+  `model.preset` is 'init_from' or config.model's architecture fields are those of the preset it
+  names (none was changed), the init_from checkpoint's model (architecture and max_seq_len) computed
+  as config.model says (its COMPUTE_FIELDS: dtypes, compilation, remat, attention). So that a
+  fine-tuning config serves any imported model; architecture fields set on purpose are checked
+  against the checkpoint by `params_from`."""
+  model = config.model
+  own = ModelConfig.from_dict(model)
+  preset = model.get('preset')
+  if preset == FROM_INIT and not config.get('init_from'):
+    raise validate.ConfigError(f"model.preset={FROM_INIT!r} takes the model from config.init_from, "
+                               'which is empty; set --config.init_from=CHECKPOINT')
+  given = preset != FROM_INIT and (preset not in PRESETS or any(
+      getattr(own, f) != getattr(ModelConfig(**PRESETS[preset]), f) for f in ARCHITECTURE_FIELDS))
+  if not config.get('init_from') or given:
+    return own
+  saved = init_from_config(config.init_from)
+  name, diff = hf.matching_preset(saved)
+  logging.info('Model from config.init_from=%s (%s), computed in %s with %s parameters',
+               config.init_from, f'preset {name!r}' if name else diff, own.dtype, own.param_dtype)
+  return dataclasses.replace(saved, **{f: getattr(own, f) for f in COMPUTE_FIELDS})
+
+
+def init_from_config(path) -> ModelConfig:
+  """The ModelConfig of the checkpoint `config.init_from` names, its errors naming that key."""
   try:
-    saved = params_lib.load_model_config(path)
+    return params_lib.load_model_config(path)
   except FileNotFoundError as e:
     raise FileNotFoundError(f'config.init_from: {e}') from None
 
-  def init_params(run):
-    abstract = run.abstract_state().params
+
+@dataclasses.dataclass
+class Start:
+  """Where a fresh run starts: its trainable parameters (None: a random init), and with LoRA the frozen
+  base and the reference to it that every checkpoint of the run keeps."""
+  params: Any = None
+  frozen: Any = None
+  base: dict | None = None
+
+
+def params_from(path: str) -> Callable:
+  """`init_params` for loop.train (config.init_from): returns the Start of a run from the checkpoint
+  at `path` (a workdir, its checkpoints/ folder, a step folder, or an imported Hugging Face model),
+  after checking that it holds the architecture the config describes. With LoRA, `path` is the base
+  model, or a LoRA checkpoint whose adapters go on training (over the base it refers to). The folder
+  is found, and its sizes and metadata checked, at once: before the run loads its data."""
+  saved = init_from_config(path)
+  ref = params_lib.load_lora_reference(path)
+
+  def init_params(run) -> Start:
     different = [f'model.{f}: checkpoint {getattr(saved, f)!r}, config {getattr(run.model_config, f)!r}'
                  for f in ARCHITECTURE_FIELDS if getattr(saved, f) != getattr(run.model_config, f)]
     if different:
       try:
-        params_lib.check_params_match(path, abstract)
+        params_lib.check_params_match(path, run.abstract_state().params if ref else
+                                      abstract_params(run.model_config))
         shapes = ''
       except ValueError as e:
         shapes = f'\n{e}'
       raise validate.ConfigError(f'config.init_from={path} was trained with a different model:\n  '
                                  + '\n  '.join(different) + shapes)
-    logging.info('Initialising parameters from %s', params_lib.resolve_step_dir(path))
-    return params_lib.load_params(path, abstract)
+    if not run.lora.enabled:
+      if ref is not None:
+        raise validate.ConfigError(
+            f'config.init_from={path} holds LoRA adapters over {ref["base"]}, not a whole model: set '
+            f'config.lora to their settings ({ref["config"]}) to go on training them, or start from '
+            'merged weights (python -m model.convert export, then import)')
+      logging.info('Initialising parameters from %s', params_lib.resolve_step_dir(path))
+      return Start(params_lib.load_params(path, run.abstract_state().params))
+    base = path if ref is None else ref['base']
+    if ref is not None:
+      _check_same_adapters(LoraConfig.from_dict(ref['config']), run.lora, path)
+    logging.info('Loading the frozen base model from %s (%s)', params_lib.resolve_step_dir(base),
+                 run.lora.base_dtype or run.model_config.param_dtype)
+    frozen, prints = adapters_lib.load_base(base, run.model_config, run.lora, run.mesh)
+    params = None
+    if ref is not None:
+      try:
+        adapters_lib.check_base(ref, prints, f'config.init_from={path}')
+      except ValueError as e:
+        raise validate.ConfigError(str(e)) from None
+      logging.info('Initialising the adapters from %s', params_lib.resolve_step_dir(path))
+      params = params_lib.load_params(path, run.abstract_state().params)
+    return Start(params, frozen, adapters_lib.reference(base, prints, run.lora))
   return init_params
+
+
+def _check_same_adapters(saved: LoraConfig, config: LoraConfig, path):
+  """Adapters trained further must keep their shape and scale (dropout and base storage may change)."""
+  different = [f'lora.{k}: checkpoint {getattr(saved, k)!r}, config {getattr(config, k)!r}'
+               for k in ('rank', 'alpha', 'targets', 'rslora') if getattr(saved, k) != getattr(config, k)]
+  if different:
+    raise validate.ConfigError(f'config.init_from={path} holds adapters of other settings:\n  '
+                               + '\n  '.join(different))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,7 +377,7 @@ def benchmark_checksums(gib: float, folder: str) -> list[str]:
     check_s = (time.perf_counter() - start) / size
   lines.append(f'A {size:.2f} GiB file from the page cache, {checksums.WORKERS} threads: manifest '
                f'written at {write_s:.3f} s/GiB, checked at {check_s:.3f} s/GiB')
-  params = count_params(preset('llama2_7b'))
+  params = count_params(ModelConfig(**PRESETS['llama2_7b']))
   state_gib = params * 12 / 2**30  # float32 parameters and both Adam moments
   lines.append(f'llama2_7b ({params / 1e9:.2f}B parameters): a training checkpoint (float32 parameters '
                f'+ Adam moments, {state_gib:.0f} GiB) takes {state_gib * write_s:.0f} s to checksum on '

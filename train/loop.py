@@ -21,13 +21,14 @@ from jax.experimental import multihost_utils
 
 from data.batch import empty_batch
 from data.records import BadRecord
+from model import adapters as adapters_lib
 from model import checksums
 from model import params as params_lib
 from train import batches as batches_lib
 from train import checkpoint as checkpoint_lib
 from train import metrics as metrics_lib
 from train import preemption
-from train import state as state_lib
+from train import validate
 from train import workdir as workdir_lib
 from train.chips import peak_tflops
 from train.run import Run
@@ -97,6 +98,8 @@ class Trainer:
     if self.resumed_from is not None:
       self.ckpt = checkpointer()
       self.resumed_from, self.state, data_state = self._restore(self.resumed_from)
+      if run.lora.enabled:
+        self._reattach_base()
       if data_state is None:
         logging.warning('Checkpoint %d has no input-pipeline position; data restarts from the '
                         'beginning', self.resumed_from)
@@ -106,9 +109,14 @@ class Trainer:
     # Read the first batch before initialising or compiling anything: bad input fails fast.
     self.first_batch = self._next_batch()
     if self.resumed_from is None:
-      params = init_params(run) if init_params else None
-      self.state = state_lib.init_state(run.model_config, run.tx, run.mesh, tcfg.seed, params)
+      start = init_params(run) if init_params else checkpoint_lib.Start()
+      if run.lora.enabled and start.frozen is None:
+        raise validate.ConfigError(f'lora.rank={run.lora.rank} trains adapters over a frozen base '
+                                   'model: set config.init_from to it (a checkpoint or an imported '
+                                   'Hugging Face model)')
+      self.state = run.init_state(start.params, start.frozen)
       self.ckpt = checkpointer()
+      self.ckpt.lora_reference = start.base
     # Only now, with the config, data, tokenizer and starting point known to be good, the workdir
     # gets this run's files.
     if self.primary:
@@ -117,9 +125,12 @@ class Trainer:
         workdir, enabled=self.primary, wandb_project=config.logging.wandb_project,
         wandb_entity=config.logging.wandb_entity, run_config=json.loads(config.to_json_best_effort()))
     n_params = sum(x.size for x in jax.tree.leaves(self.state.params))
-    logging.info('Model: %s parameters; mesh %s; %d process(es), %d device(s); local batch %d x %d',
-                 f'{n_params:,}', dict(run.mesh.shape), jax.process_count(), jax.device_count(),
-                 local_batch, tcfg.seq_len)
+    frozen = (f' trainable (LoRA rank {run.lora.rank} on {run.lora.targets}) over a frozen base of '
+              f'{sum(x.size for x in jax.tree.leaves(self.state.frozen)):,} values'
+              if run.lora.enabled else '')
+    logging.info('Model: %s parameters%s; mesh %s; %d process(es), %d device(s); local batch %d x %d',
+                 f'{n_params:,}', frozen, dict(run.mesh.shape), jax.process_count(),
+                 jax.device_count(), local_batch, tcfg.seq_len)
 
     self.train_step, self.eval_step = run.train_step(), run.eval_step()
     self.flops_per_step = metrics_lib.train_flops_per_token(run.model_config, tcfg.seq_len) * (
@@ -159,12 +170,24 @@ class Trainer:
       raise BadRecord(f'{e}. Fix or remove that record, or skip (and count) bad records with '
                       '--config.data.skip_bad_records=True') from None
 
+  def _reattach_base(self):
+    """A resumed LoRA run's frozen base, from the checkpoint its adapters refer to (and checked)."""
+    run, step = self.run, self.resumed_from
+    ref = self.ckpt.lora_reference_of(step)
+    if ref is None:
+      raise validate.ConfigError(f'{self.ckpt.directory}/{step} holds no LoRA adapters, but '
+                                 f'config.lora.rank={run.lora.rank}')
+    base = adapters_lib.load_checked_base(ref, run.model_config, run.lora, run.mesh,
+                                          f'{self.ckpt.directory}/{step}')
+    self.state = self.state.replace(frozen=base)
+    self.ckpt.lora_reference = ref
+
   # -- pieces of a step ---------------------------------------------------------------------------
 
   def evaluate(self, step: int):
     if not self.eval_batches:
       return
-    result = evaluate(self.run, self.eval_step, self.state.params, self.eval_batches)
+    result = evaluate(self.run, self.eval_step, self.state.model_params, self.eval_batches)
     self.writer.write(step, result)
     self.last.update(result)
     self.eval_history.append({'step': step, **result})
@@ -263,6 +286,7 @@ class Trainer:
                             'a row)', step, float(jax.device_get(step_metrics['loss'])), consecutive_skips)
             if consecutive_skips > tcfg.max_consecutive_skips:
               self.ckpt.wait()
+              self.writer.close()  # metrics.jsonl and the TensorBoard events, flushed and closed
               raise TrainingDiverged(
                   f'{consecutive_skips} consecutive steps (up to step {step}) had a non-finite loss or '
                   f'gradient (train.max_consecutive_skips = {tcfg.max_consecutive_skips}). The last '

@@ -1,13 +1,16 @@
 """Pretraining entry point.
 
   python -m train.pretrain --config=configs/tiny.py --workdir=runs/tiny [--config.train.steps=100 ...]
+
+With `--config.init_from` (a checkpoint or an imported Hugging Face model) pretraining continues from
+those parameters, e.g. with LoRA (`--config.lora.rank=16`) on new text.
 """
 
 from absl import flags
 
 from data.synthetic import SyntheticData
 from model import runtime
-from train import loop, run
+from train import checkpoint, loop, run
 
 FLAGS = flags.FLAGS  # --config and --workdir: run.define_flags(), when run as a program
 
@@ -23,7 +26,8 @@ def main(argv):
   runtime.no_positional_arguments(argv)
   config = FLAGS.config
   runtime.setup(config.distributed)
-  loop.train(config, FLAGS.workdir, lambda: make_data(config))
+  init = checkpoint.params_from(config.init_from) if config.init_from else None
+  loop.train(config, FLAGS.workdir, lambda: make_data(config), init_params=init)
 
 
 if __name__ == '__main__':

@@ -12,9 +12,10 @@ import jax
 from jax.sharding import Mesh
 
 from data.batch import BATCH_KEYS
-from model import ModelConfig, Transformer
+from model import Transformer
 from model import sharding
 from train import batches
+from train import checkpoint
 from train import optimizer as optimizer_lib
 from train import state as state_lib
 from train import step as step_lib
@@ -28,17 +29,26 @@ class Run:
     """`devices`: this process's view of every device (default), or compile-only devices."""
     devices = list(devices if devices is not None else jax.devices())
     self.config = config
-    self.model_config = ModelConfig.from_dict(config.model)
-    validate.check(config, self.model_config, len(devices), tokenizer_vocab)
+    self.lora = validate.lora_config(config)
+    # config.model, or init_from's model; with LoRA, the frozen base is held in lora.base_dtype
+    # (model/lora.py).
+    self.model_config = self.lora.base_config(checkpoint.model_config(config))
+    validate.check(config, self.model_config, len(devices), tokenizer_vocab, self.lora)
     self.mesh: Mesh = sharding.make_mesh(config.mesh, devices)
-    self.model = Transformer(self.model_config)
+    self.model = Transformer(self.model_config, lora=self.lora)
     self.tx, self.schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
-    self.state_shardings = state_lib.state_shardings(self.model_config, self.tx, self.mesh)
+    self.state_shardings = state_lib.state_shardings(self.model_config, self.tx, self.mesh,
+                                                     lora=self.lora)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
 
   def abstract_state(self):
     """The train state as ShapeDtypeStructs with their shardings (restore and compile targets)."""
-    return state_lib.abstract_state(self.model_config, self.tx, self.mesh)
+    return state_lib.abstract_state(self.model_config, self.tx, self.mesh, lora=self.lora)
+
+  def init_state(self, params=None, frozen=None):
+    """A fresh state (see train/state.py `init_state`)."""
+    return state_lib.init_state(self.model_config, self.tx, self.mesh, self.config.train.seed, params,
+                                lora=self.lora, frozen=frozen)
 
   def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
     shape = (self.config.train.batch_size, self.config.train.seq_len)
@@ -49,12 +59,12 @@ class Run:
     tcfg = self.config.train
     step = step_lib.make_train_step(self.model, self.tx, self.schedule,
                                     grad_accum_steps=tcfg.grad_accum_steps, z_loss=tcfg.z_loss,
-                                    loss_chunk_len=tcfg.loss_chunk_len)
+                                    loss_chunk_len=tcfg.loss_chunk_len, seed=tcfg.seed)
     return step_lib.jit_train_step(step, self.state_shardings, self.mesh)
 
   def eval_step(self):
     step = step_lib.make_eval_step(self.model, loss_chunk_len=self.config.train.loss_chunk_len)
-    return step_lib.jit_eval_step(step, self.state_shardings.params, self.mesh)
+    return step_lib.jit_eval_step(step, self.state_shardings.model_params, self.mesh)
 
   def global_batch(self, local_batch):
     return batches.global_batch_from_local(local_batch, self.batch_sharding,

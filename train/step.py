@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from model import Transformer
+from model import lora as lora_lib
 from model import sharding as sharding_lib
 from train.state import TrainState
 
@@ -39,21 +40,23 @@ def loss_chunks(seq_len: int, chunk_len: int) -> int:
   return n
 
 
-def loss_sums(model: Transformer, params, batch, loss_chunk_len: int = 0) -> dict[str, jax.Array]:
+def loss_sums(model: Transformer, params, batch, loss_chunk_len: int = 0,
+              rngs=None) -> dict[str, jax.Array]:
   """Batch sums of weighted cross-entropy, weighted squared log-partition (z-loss), and weights.
 
   Sums rather than means so that microbatches and eval batches add up exactly. With `loss_chunk_len`
   (config.train.loss_chunk_len) shorter than the sequence, the float32 logits exist for one chunk of
   positions at a time, in the forward pass and (recomputed) in the backward pass: [B, T/n, V] instead
-  of [B, T, V], which for a 128k vocabulary is the largest activation of the whole step.
+  of [B, T, V], which for a 128k vocabulary is the largest activation of the whole step. `rngs`: e.g.
+  {'dropout': key} for LoRA dropout in training.
   """
   args = (batch['inputs'], batch['segment_ids'], batch['positions'])
   targets, weights = batch['targets'], batch['loss_weights']
   n = loss_chunks(targets.shape[1], loss_chunk_len)
   if n == 1:
-    return _ce_sums(model.apply({'params': params}, *args), targets, weights)
+    return _ce_sums(model.apply({'params': params}, *args, rngs=rngs), targets, weights)
 
-  hidden = model.apply({'params': params}, *args, method=Transformer.hidden_states)
+  hidden = model.apply({'params': params}, *args, rngs=rngs, method=Transformer.hidden_states)
 
   def chunked(x):  # [B, T, ...] -> [n, B, T/n, ...], each chunk keeping the batch sharding
     x = x.reshape((x.shape[0], n, x.shape[1] // n) + x.shape[2:]).swapaxes(0, 1)
@@ -84,31 +87,41 @@ def split_microbatches(batch, num_microbatches: int):
 
 def make_train_step(model: Transformer, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     *, grad_accum_steps: int = 1, z_loss: float = 0.0,
-                    loss_chunk_len: int = 0) -> Callable:
-  """Returns the pure `train_step(state, batch) -> (state, metrics)`."""
+                    loss_chunk_len: int = 0, seed: int = 0) -> Callable:
+  """Returns the pure `train_step(state, batch) -> (state, metrics)`.
 
-  def objective(params, batch):
-    sums = loss_sums(model, params, batch, loss_chunk_len)
+  Gradients and updates are for `state.params` only: with LoRA those are the adapters, and the frozen
+  base (`state.frozen`) goes through the step untouched. LoRA dropout draws from `seed` and the step
+  number, so a resumed run draws the same masks.
+  """
+
+  def objective(params, batch, frozen, rng):
+    params = params if frozen is None else lora_lib.join(frozen, params)
+    rngs = {'dropout': rng} if model.lora.dropout else None
+    sums = loss_sums(model, params, batch, loss_chunk_len, rngs)
     return sums['ce'] + z_loss * sums['z'], sums
 
   grad_fn = jax.grad(objective, has_aux=True)
 
-  def accumulated_grads(params, batch):
+  def accumulated_grads(params, batch, frozen, rng):
     if grad_accum_steps == 1:
-      return grad_fn(params, batch)
+      return grad_fn(params, batch, frozen, rng)
 
-    def add_microbatch(acc, microbatch):
-      grads, sums = grad_fn(params, microbatch)
+    def add_microbatch(acc, microbatch_and_index):
+      microbatch, i = microbatch_and_index
+      grads, sums = grad_fn(params, microbatch, frozen, jax.random.fold_in(rng, i))
       return jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, (grads, sums)), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     zero_sums = {k: jnp.zeros((), jnp.float32) for k in ('ce', 'z', 'weight')}
     (grads, sums), _ = jax.lax.scan(add_microbatch, (zeros, zero_sums),
-                                    split_microbatches(batch, grad_accum_steps))
+                                    (split_microbatches(batch, grad_accum_steps),
+                                     jnp.arange(grad_accum_steps)))
     return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), sums
 
   def train_step(state: TrainState, batch) -> tuple[TrainState, dict[str, Any]]:
-    grads, sums = accumulated_grads(state.params, batch)
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    grads, sums = accumulated_grads(state.params, batch, state.frozen, rng)
     total_weight = jnp.maximum(sums['weight'], 1.0)
     grads = jax.tree.map(lambda g: g / total_weight.astype(g.dtype), grads)
     grad_norm = optax.tree.norm(grads)
@@ -128,13 +141,15 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation, schedu
         'tokens': sums['weight'],
         'skipped': 1 - finite.astype(jnp.int32),
     }
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                      frozen=state.frozen), metrics
 
   return train_step
 
 
 def make_eval_step(model: Transformer, loss_chunk_len: int = 0) -> Callable:
-  """`eval_step(params, batch) -> sums`; callers add sums over batches, then divide."""
+  """`eval_step(params, batch) -> sums` (`params`: the whole model's, `TrainState.model_params`);
+  callers add sums over batches, then divide."""
   return lambda params, batch: loss_sums(model, params, batch, loss_chunk_len)
 
 

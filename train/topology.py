@@ -100,8 +100,10 @@ class Report:
   alias: int
   temp: int
   code: int
-  state: int          # params + optimizer state, this chip's shards
+  state: int          # params + optimizer state (+ a LoRA run's frozen base), this chip's shards
   compile_s: float
+  trainable: int = 0  # parameters that get gradients (with LoRA: the adapters)
+  lora: str = ''      # e.g. 'LoRA rank 16 on q,k,v,o,gate,up,down over an nf4 base' 
   custom_calls: tuple[str, ...] = ()  # e.g. tpu_custom_call: a Pallas kernel (splash attention)
   error: str = ''     # the compiler's own out-of-memory message, when it gave up
 
@@ -122,7 +124,8 @@ class Report:
     head = (f'{self.name} on {self.topology.name} ({self.topology.num_chips} chips, '
             f'{self.topology.chip.hbm_gib:g} GiB HBM each): mesh {self.mesh}, batch {self.batch_size} x '
             f'{self.seq_len} ({per_chip:,.0f} tokens/chip), remat {self.remat_policy}, attention '
-            f'{self.attention}, params {self.param_dtype}, optimizer state {self.state_dtype}'
+            f'{self.attention}, params {self.param_dtype}, optimizer state {self.state_dtype}, '
+            f'{self.trainable:,} trainable parameters' + (f' ({self.lora})' if self.lora else '')
             + (f', custom calls {", ".join(self.custom_calls)}' if self.custom_calls else '') + '; '
             f'compiled in {self.compile_s:.0f} s')
     if self.error:
@@ -136,7 +139,9 @@ class Report:
 
 
 def _shard_bytes(tree) -> int:
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  """Bytes of this chip's shards, sub-byte types (a QLoRA base's uint4 codes) packed as on TPU."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * jax.dtypes.itemsize_bits(x.dtype) // 8
+             for x in jax.tree.leaves(tree))
 
 
 def compile_step(config: Any, topology: Topology, name: str = 'train step') -> Report:
@@ -160,11 +165,17 @@ def compile_step(config: Any, topology: Topology, name: str = 'train step') -> R
     sizes, custom_calls = (0, 0, 0, 0, 0), ()
   with jax.sharding.use_abstract_mesh(run.mesh.abstract_mesh):
     attention = attention_lib.resolve(cfg.attention, 'tpu', cfg.dtype)
+  lora = run.lora
+  # Adam's moments are in the dtype of what trains: the parameters, or float32 LoRA adapters.
+  state_dtype = (config.optimizer.get('state_dtype', '')
+                 or ('float32' if lora.enabled else cfg.param_dtype))
   return Report(name, topology, dict(run.mesh.shape), config.train.batch_size, config.train.seq_len,
-                cfg.remat_policy, attention, cfg.param_dtype,
-                config.optimizer.get('state_dtype', '') or cfg.param_dtype, *sizes,
+                cfg.remat_policy, attention, cfg.param_dtype, state_dtype, *sizes,
                 state=_shard_bytes(state), compile_s=time.perf_counter() - start,
-                custom_calls=custom_calls, error=error)
+                custom_calls=custom_calls, error=error,
+                trainable=sum(x.size for x in jax.tree.leaves(state.params)),
+                lora=(f'LoRA rank {lora.rank} on {lora.targets} over a frozen '
+                      f'{lora.base_dtype or cfg.param_dtype} base' if lora.enabled else ''))
 
 
 def advice(report: Report, config: Any) -> str:

@@ -5,15 +5,26 @@ Every problem found is reported at once, each naming the config key and what was
 
 from typing import Any
 
-from model import ModelConfig
+from model import ModelConfig, abstract_params
+from model import lora as lora_lib
 from model import sharding as sharding_lib
+from model.lora import LoraConfig
 
 class ConfigError(ValueError):
   pass
 
 
-def check(config: Any, model: ModelConfig, num_devices: int, tokenizer_vocab: int | None = None):
-  errors = []
+def lora_config(config: Any) -> LoraConfig:
+  """`config.lora` as a LoraConfig (off for configs without the section)."""
+  try:
+    return LoraConfig.from_dict(config.get('lora'))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def check(config: Any, model: ModelConfig, num_devices: int, tokenizer_vocab: int | None = None,
+          lora: LoraConfig = LoraConfig()):
+  errors = lora_lib.problems(lora, abstract_params(model)) if lora.enabled else []
   train, opt, mesh = config.train, config.optimizer, config.mesh
 
   for key in ('steps', 'batch_size', 'seq_len', 'grad_accum_steps', 'log_every'):
