@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import pytest
 
+from data import config as data_config
 from data import records, sft, sources
 from data.iterator import DatasetIterator
 from model import checksums
@@ -110,6 +111,21 @@ def _copy(trained, tmp_path, name='run'):
   return tmp_path / name
 
 
+def _chat_file(tmp_path):
+  path = tmp_path / 'chat.jsonl'
+  path.write_text(''.join(json.dumps({'messages': [
+      {'role': 'user', 'content': f'question {i}?'}, {'role': 'assistant', 'content': 'answer.'}]}) + '\n'
+                          for i in range(64)))
+  return path
+
+
+def _sft_args(demo_data, workdir, init_from, sft_files, steps=4, *extra):
+  return ('train.sft', f'--workdir={workdir}', '--config=configs/sft_tiny.py', *SMALL[1:],
+          f'--config.init_from={init_from}', f'--config.data.train_files={sft_files}',
+          '--config.data.eval_files=', f'--config.data.tokenizer={demo_data["tokenizer"]}',
+          f'--config.train.steps={steps}', *extra)
+
+
 # --------------------------------------------------------------------------------------------------
 # Exiting
 
@@ -191,12 +207,12 @@ def test_a_finished_run_rerun_keeps_its_results_and_stale_locks_are_taken_over(d
   assert 'finished at step 8 already' in rerun.out
   assert {name: (workdir / name).read_bytes() for name in kept} == kept
   assert not (workdir / workdir_lib.LOCK).exists()
-  # A live holder (this process) is refused, unless told to take over.
+  # A live holder (this process) is refused, unless told to take over (one after the other: a run
+  # that took the lock over removes it when it ends).
   with workdir_lib.RunLock(str(workdir)):
-    refused, forced = _run_all([
-        _pretrain_args(demo_data, workdir, 8, trained['train']),
-        _pretrain_args(demo_data, workdir, 8, trained['train'],
-                       '--config.train.take_over_lock=True')])
+    refused = _run(*_pretrain_args(demo_data, workdir, 8, trained['train']))
+    forced = _run(*_pretrain_args(demo_data, workdir, 8, trained['train'],
+                                  '--config.train.take_over_lock=True'))
   _failed(refused, f'is in use by another run: {workdir_lib._program()}, pid {os.getpid()} on host')  # pylint: disable=protected-access
   assert forced.rc == 0 and 'Taking over the lock' in forced.out, forced
 
@@ -254,10 +270,7 @@ def test_damaged_checkpoints_are_refused_naming_step_and_file(demo_data, trained
   silent = jax.device_get(params_lib.load_params(unchecked, params_lib.abstract_params_on(cfg)))
   assert not np.array_equal(silent['token_embed'], good['token_embed'])
 
-  sft_files = tmp_path / 'chat.jsonl'
-  sft_files.write_text(''.join(json.dumps({'messages': [
-      {'role': 'user', 'content': f'question {i}?'}, {'role': 'assistant', 'content': 'answer.'}]}) + '\n'
-                               for i in range(64)))
+  sft_files = _chat_file(tmp_path)
   resume = lambda case, *extra: _pretrain_args(demo_data, runs[case], 12, trained['train'], *extra)
   generate = lambda ckpt: ('model.generate', '--ckpt', ckpt, '--tokenizer', demo_data['tokenizer'],
                            '--prompt', 'The for statement', '--max-new-tokens', '4')
@@ -265,10 +278,7 @@ def test_damaged_checkpoints_are_refused_naming_step_and_file(demo_data, trained
       'resume params': resume('params'),
       'resume opt_state': resume('opt_state'),
       'resume truncated': resume('truncated'),
-      'init_from': ('train.sft', f'--workdir={tmp_path / "sft"}', '--config=configs/sft_tiny.py', *SMALL[1:],
-                    f'--config.init_from={runs["params"]}', f'--config.data.train_files={sft_files}',
-                    '--config.data.eval_files=', f'--config.data.tokenizer={demo_data["tokenizer"]}',
-                    '--config.train.steps=4'),
+      'init_from': _sft_args(demo_data, tmp_path / 'sft', runs['params'], sft_files),
       'generate opt_state': generate(runs['opt_state']),
       'export': ('model.convert', 'export', '--ckpt', runs['params'], '--out', tmp_path / 'hf'),
       'exact_match': ('model.exact_match', '--ckpt', runs['opt_state'], '--tokenizer',
@@ -311,6 +321,41 @@ def test_damaged_checkpoints_are_refused_naming_step_and_file(demo_data, trained
   assert [checksums.check(checkpoints / s).status for s in ('4', '8', '12')] == ['ok'] * 3
 
 
+def test_lora_runs_are_locked_and_checksummed_with_their_base(demo_data, trained, tmp_path):
+  """LoRA instruction tuning: two runs at once on one workdir, one refused; the adapter checkpoints
+  carry checksums, `verify` follows them to the base they refer to, and a flipped byte in that base is
+  refused by generation, by the resumed run and by `verify`, naming the base's step and file."""
+  base = _copy(trained, tmp_path, 'base')
+  workdir = tmp_path / 'lora'
+  lora_run = lambda steps: _sft_args(demo_data, workdir, base, tmp_path / 'chat.jsonl', steps,
+                                     '--config.lora.rank=4', '--config.checkpoint.every_steps=2')
+  _chat_file(tmp_path)
+  args = lora_run(4)
+  first, second = sorted(_run_all([args, args]), key=lambda r: r.rc)
+  assert first.rc == 0, first
+  _failed(second, f'{workdir} is in use by another run: train.sft, pid', 'take_over_lock=True')
+  steps = workdir / 'checkpoints'
+  assert params_lib.saved_steps(steps) == [2, 4]
+  assert params_lib.load_lora_reference(workdir)['base'] == str(base / 'checkpoints' / '8')
+  assert [checksums.check(steps / s).status for s in ('2', '4')] == ['ok', 'ok']
+
+  path, offset, length = _chunk(base / 'checkpoints' / '8', 'params.token_embed')
+  _flip_byte(path, offset + length // 2)
+  damaged = (f'checkpoint step 8 in {base}/checkpoints is damaged: '
+             f'{os.path.relpath(path, base / "checkpoints" / "8")}: bytes 0-')
+  generate, resume, verify = _run_all([
+      ('model.generate', '--ckpt', workdir, '--tokenizer', demo_data['tokenizer'], '--prompt', 'Hi',
+       '--max-new-tokens', '2'),
+      lora_run(6),
+      ('train.checkpoint', 'verify', workdir)])
+  _failed(generate, damaged)
+  _failed(resume, damaged)
+  assert verify.rc == 1, verify
+  assert f'{steps}/4: ok' in verify.out
+  assert f'{base}/checkpoints/8 (the base model of {steps}/2): DAMAGED' in verify.out, verify
+  assert params_lib.saved_steps(steps) == [2, 4]  # the refused resume wrote nothing
+
+
 def test_a_full_disk_fails_the_run_naming_the_step_and_keeps_the_last_checkpoint(demo_data, tmp_path):
   """On a 6 MiB file system the checkpoint of step 4 fits and that of step 8 does not."""
   if os.geteuid() != 0:
@@ -346,7 +391,8 @@ def test_unicode_line_separators_are_part_of_a_jsonl_line(trained, tmp_path):
   chat.write_text(json.dumps(record, ensure_ascii=False) + '\n', encoding='utf-8')
   assert len(chat.read_text(encoding='utf-8').splitlines()) == 3  # what str.splitlines would make of it
   assert load_records(str(chat)) == [record]
-  assert [r for _, r in sft._records(str(chat), 'error', 0, records.Counters())] == [record]  # pylint: disable=protected-access
+  cfg = data_config.get_config()
+  assert [r for _, r in sft._records(str(chat), cfg, records.Counters())] == [record]  # pylint: disable=protected-access
 
 
 def test_a_data_file_whose_name_is_not_utf8_is_read_and_named(tmp_path):
@@ -367,6 +413,8 @@ def test_bad_arguments_name_the_argument(demo_data, trained, tmp_path):
   bad_chat = tmp_path / 'bad.jsonl'
   bad_chat.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", '
                       '"content": "a"}]}\n{"messages": [\n')
+  list_line = tmp_path / 'list_line.jsonl'
+  list_line.write_text('{"text": "a document"}\n["a", "b"]\n')
   ckpt, tok = str(trained['workdir']), demo_data['tokenizer']
   gen = lambda *args: ('model.generate', '--ckpt', ckpt, '--tokenizer', tok, '--prompt', 'hi', *args)
   cases = [
@@ -388,6 +436,11 @@ def test_bad_arguments_name_the_argument(demo_data, trained, tmp_path):
        f'--ckpt: No checkpoint at {tmp_path / "none"}'),
       (('model.convert', 'import', '--hf-dir', tmp_path, '--out', tmp_path / 'imported'),
        f'--hf-dir: {tmp_path} holds no config.json'),
+      (('model.convert', 'check', '--hf-dir', tmp_path), f'--hf-dir: {tmp_path} holds no config.json'),
+      (('model.convert', 'import-peft', '--adapter-dir', tmp_path, '--base', ckpt, '--out',
+        tmp_path / 'peft'), f'--adapter-dir: {tmp_path} holds no adapter_config.json'),
+      (('data.inspect', '--config=configs/tiny.py', f'--config.data.train_files={list_line}',
+        f'--config.data.tokenizer={tok}'), f"error: {list_line}:2: JSON record has no 'text' field"),
       (('train.checkpoint', 'verify'), 'verify needs at least one workdir'),
       (('data.tokenizer', '--input', demo_data['eval'], '--out', tmp_path / 't.model', '--vocab_size=0'),
        'flag --vocab_size=0: 0 is not a positive integer'),

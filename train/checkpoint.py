@@ -311,23 +311,33 @@ def _check_same_adapters(saved: LoraConfig, config: LoraConfig, path):
 # Command line
 
 def verify_paths(paths) -> bool:
-  """Checks every step of each path against its checksums, one line per step. Returns whether no
-  step is damaged (steps without checksums are reported, not counted as damaged)."""
-  intact = True
-  for path in paths:
-    for step_dir in params_lib.step_dirs(path):
-      start = time.perf_counter()
-      report = checksums.check(step_dir)
-      seconds = time.perf_counter() - start
-      if report.status == 'ok':
-        print(f'{step_dir}: ok ({report.files} files, {report.size / 2**20:,.1f} MiB checked in '
-              f'{seconds:.1f} s)')
-      elif report.status == 'unverified':
-        print(f'{step_dir}: unverified: {report.problems[0]}')
-      else:
-        intact = False
-        print(f'{step_dir}: DAMAGED: ' + '; '.join(report.problems[:5])
-              + (f' (and {len(report.problems) - 5} more)' if len(report.problems) > 5 else ''))
+  """Checks every step of each path against its checksums, one line per step, and the base model
+  that LoRA steps refer to (they are nothing without it). Returns whether no step is damaged (steps
+  without checksums are reported, not counted as damaged)."""
+  intact, seen = True, set()
+  todo = [(step_dir, '') for path in paths for step_dir in params_lib.step_dirs(path)]
+  while todo:
+    step_dir, role = todo.pop(0)
+    if str(step_dir) in seen:
+      continue
+    seen.add(str(step_dir))
+    start = time.perf_counter()
+    report = (checksums.check(step_dir) if step_dir.exists() else
+              checksums.Report('damaged', ['the folder is missing']))
+    seconds = time.perf_counter() - start
+    if report.status == 'damaged':
+      intact = False
+      print(f'{step_dir}{role}: DAMAGED: ' + '; '.join(report.problems[:5])
+            + (f' (and {len(report.problems) - 5} more)' if len(report.problems) > 5 else ''))
+      continue
+    if report.status == 'ok':
+      print(f'{step_dir}{role}: ok ({report.files} files, {report.size / 2**20:,.1f} MiB checked in '
+            f'{seconds:.1f} s)')
+    else:
+      print(f'{step_dir}{role}: unverified: {report.problems[0]}')
+    ref = params_lib.load_lora_reference(step_dir)
+    if ref is not None:
+      todo.append((epath.Path(ref['base']), f' (the base model of {step_dir})'))
   return intact
 
 
