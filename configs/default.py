@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
       eval_max_batches=20,   # per evaluation, per host
       max_consecutive_skips=10,  # stop after this many steps in a row with a non-finite loss/grad
       override_workdir_config=False,  # resume a workdir even if its run used another config
+      take_over_lock=False,  # run even if the workdir's lock says another run holds it
       # The loss computes float32 logits for this many positions at a time (0: the whole sequence at
       # once); for a 128k vocabulary the logits are the largest activation of the step.
       loss_chunk_len=1024,
@@ -51,7 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
       state_dtype='',        # dtype of Adam's moments ('' = the parameters'; 'bfloat16' halves them)
   ))
 
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
+  # fall_back_to_intact: resume from the newest intact checkpoint when the latest fails its checksums
+  # (the damaged one is kept as <step>.damaged); False stops with a message naming both.
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True,
+                                                fall_back_to_intact=False))
 
   # Task metrics of generated answers during instruction tuning (train/evaluation.py): greedy answers
   # to the first num_prompts held-out conversations, every every_steps steps (0: with each held-out
@@ -75,5 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.logging = ml_collections.ConfigDict(dict(wandb_project='', wandb_entity=''))
 
   # Multi-process runs outside TPU VMs / SLURM: the coordinator's host:port, and this process's place.
-  c.distributed = ml_collections.ConfigDict(dict(coordinator_address='', num_processes=0, process_id=-1))
+  # initialization_timeout_s: how long every process waits for the others to join.
+  c.distributed = ml_collections.ConfigDict(dict(coordinator_address='', num_processes=0, process_id=-1,
+                                                 initialization_timeout_s=300))
   return c

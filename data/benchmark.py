@@ -17,7 +17,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from data import config
+from data import config, records
 
 FLAGS = flags.FLAGS  # defined by _define_flags() when run as a program
 
@@ -141,9 +141,9 @@ def main(argv):
 def _define_flags():
   """Only when run as a program: importing this module (tests do) must not define flags that another
   entry point also defines."""
-  flags.DEFINE_integer('seq_len', 4096, 'Row length.')
-  flags.DEFINE_integer('batch_size', 8, 'Rows per batch (per host).')
-  flags.DEFINE_float('seconds', 10.0, 'Time each pipeline for about this long.')
+  flags.DEFINE_integer('seq_len', 4096, 'Row length.', lower_bound=2)
+  flags.DEFINE_integer('batch_size', 8, 'Rows per batch (per host).', lower_bound=1)
+  flags.DEFINE_float('seconds', 10.0, 'Time each pipeline for about this long.', lower_bound=0.1)
   flags.DEFINE_string('train_files', '', 'Pretraining JSONL files (default: demo corpus).')
   flags.DEFINE_string('parquet_files', '', 'Pretraining Parquet files, a `text` column (default: the '
                       'demo corpus as Parquet).')
@@ -151,9 +151,10 @@ def _define_flags():
                       'task, and 1-2 turn conversations cut from the demo corpus).')
   flags.DEFINE_string('tokenizer', '', 'SentencePiece .model or tokenizer.json '
                       '(default: one trained on the demo corpus).')
-  flags.DEFINE_integer('vocab_size', 8000, 'Vocabulary of the tokenizer trained by default.')
+  flags.DEFINE_integer('vocab_size', 8000, 'Vocabulary of the tokenizer trained by default.',
+                       lower_bound=1)
 
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  app.run(records.reporting_bad_input(main))

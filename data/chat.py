@@ -509,4 +509,4 @@ def define_flags():
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(records.reporting_bad_input(main))

@@ -26,6 +26,8 @@ from typing import Iterator
 import tqdm
 from absl import app, flags
 
+from data import records
+
 FLAGS = flags.FLAGS  # defined by _define_flags() when run as a program
 
 MIN_DOCSTRING_CHARS = 200
@@ -160,12 +162,13 @@ def _define_flags():
   """Only when run as a program: importing this module (tests do) must not define flags that another
   entry point also defines."""
   flags.DEFINE_string('out', 'demo/data', 'Output folder for train.jsonl and eval.jsonl.')
-  flags.DEFINE_integer('eval_percent', 5, 'Share of documents held out for evaluation.')
+  flags.DEFINE_integer('eval_percent', 5, 'Share of documents held out for evaluation.', lower_bound=0,
+                       upper_bound=99)
   flags.DEFINE_string('sft_out', '', 'If set, also write the instruction set here.')
-  flags.DEFINE_integer('sft_train_examples', 6000, 'Training questions to write.')
-  flags.DEFINE_integer('sft_eval_examples', 150, 'Held-out questions to write.')
+  flags.DEFINE_integer('sft_train_examples', 6000, 'Training questions to write.', lower_bound=1)
+  flags.DEFINE_integer('sft_eval_examples', 150, 'Held-out questions to write.', lower_bound=1)
 
 
 if __name__ == '__main__':
   _define_flags()
-  sys.exit(app.run(main))
+  sys.exit(app.run(records.reporting_bad_input(main)))

@@ -16,11 +16,16 @@ weight.
 
 import os
 
-import numpy as np
-from absl import app, flags
+# Before TensorFlow loads (data.iterator imports it): its C++ log level is read once, then. Errors
+# only: TensorFlow would otherwise log a bad record's Python traceback before the one-line error.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from data.config import SFT_FORMATS
-from data.iterator import DatasetIterator
+import numpy as np  # pylint: disable=wrong-import-position
+from absl import app, flags  # pylint: disable=wrong-import-position
+
+from data import records  # pylint: disable=wrong-import-position
+from data.config import SFT_FORMATS  # pylint: disable=wrong-import-position
+from data.iterator import DatasetIterator  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS  # defined by define_flags() when run as a program
 
@@ -134,7 +139,6 @@ def describe(rows: dict[str, np.ndarray], tokenizer, source_names=(), weights=()
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   data = make_data(FLAGS.config)
   rows = first_rows(data, FLAGS.split, max(FLAGS.rows, FLAGS.summary_rows))
   names = [s.name for s in data.sources] if FLAGS.config.data.mixture else ()
@@ -156,4 +160,4 @@ def define_flags():
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(records.reporting_bad_input(main))

@@ -16,6 +16,7 @@ row group expanded by a tf.data function: a checkpoint holds which row group and
 (not its rows), and a restore reads that row group again.
 """
 
+import os
 from concurrent import futures
 from typing import Iterator, Sequence
 
@@ -82,7 +83,7 @@ def _cleaner(fmt, text_field, utf8, max_record_bytes, skip_bad_records, counters
   def clean(sources, lines, offsets, raws):
     kept = []
     for source, line, offset, raw in zip(sources, lines, offsets, raws):
-      where = _where(fmt, source.decode(), int(line))
+      where = _where(fmt, source.decode('utf-8', 'backslashreplace'), int(line))
       try:
         text = record_text(raw, where, int(offset), fmt, text_field, utf8, max_record_bytes, counters)
       except BadRecord:
@@ -184,7 +185,7 @@ def _parquet_shards(paths, column, shard_index, shard_count, shard_docs):
 def _parquet_records(column, skip_bad_records, counters):
   """tf.data function: (file path, its row groups) -> its records as (source, row, -1, raw bytes)."""
   def read(path, group):
-    return parquet_cells(path.decode(), int(group), column, skip_bad_records, counters)
+    return parquet_cells(os.fsdecode(path), int(group), column, skip_bad_records, counters)
 
   def records(path, groups):
     def group_records(group):
@@ -216,13 +217,15 @@ def documents(fmt: str, files: str, *, text_field: str = 'text', shard_index: in
   else:
     paths, shard_docs = shard_files(resolve_files(files), shard_index, shard_count)
     _check_format(paths, fmt)
+    # As bytes: a local file name need not be UTF-8, which a TensorFlow string of text must be.
     if fmt == 'parquet':
       paths, groups, shard_docs = _parquet_shards(paths, text_field, shard_index, shard_count,
                                                   shard_docs)
-      file_ds = tf.data.Dataset.from_tensor_slices((paths, tf.ragged.constant(groups, tf.int64)))
+      file_ds = tf.data.Dataset.from_tensor_slices(([os.fsencode(p) for p in paths],
+                                                    tf.ragged.constant(groups, tf.int64)))
       read = _parquet_records(text_field, skip_bad_records, counters)
     else:
-      file_ds = tf.data.Dataset.from_tensor_slices(paths)
+      file_ds = tf.data.Dataset.from_tensor_slices([os.fsencode(p) for p in paths])
       read = _numbered_records(fmt)
     if seed is not None:
       file_ds = file_ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)

@@ -27,6 +27,8 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
+from data import records
+
 
 class Tokenizer:
   """What the pipelines, chat templates and generation need from a tokenizer."""
@@ -98,7 +100,14 @@ class SentencePieceTokenizer(Tokenizer):
     self.path = path
     with _open(path) as f:
       proto = f.read()
-    self._sp = spm.SentencePieceProcessor(model_proto=proto)
+    if not proto:
+      raise ValueError(f'{path} is empty (0 bytes), not a SentencePiece model: was it copied completely?')
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=proto)
+    except RuntimeError:
+      raise ValueError(f'{path} is not a SentencePiece model ({len(proto):,} bytes that do not parse as '
+                       'one); give the tokenizer.model the model was trained with, or a Hugging Face '
+                       'tokenizer.json') from None
     self.vocab_size = self._sp.get_piece_size()
     self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
     # Llama's tokenizer has no pad piece; any id works since padding carries zero loss weight.
@@ -215,7 +224,11 @@ class HuggingFaceTokenizer(Tokenizer):
     import tokenizers  # pylint: disable=import-outside-toplevel
     self.path = path
     with _open(path) as f:
-      self._tok = tokenizers.Tokenizer.from_str(f.read().decode('utf-8'))
+      text = f.read().decode('utf-8', errors='replace')
+    try:
+      self._tok = tokenizers.Tokenizer.from_str(text)
+    except Exception as e:  # pylint: disable=broad-exception-caught  (the Rust parser's error)
+      raise ValueError(f'{path} is not a Hugging Face tokenizer.json ({str(e)[:200] or "empty"})') from None
     # Text never becomes a control token: a document or user message that contains "<|im_end|>" is
     # tokenized as those characters. Templates insert special tokens explicitly (data/chat.py).
     self._tok.encode_special_tokens = True
@@ -515,15 +528,16 @@ def define_flags():
                     'Llama 3 and Qwen have.')
   flags.DEFINE_string('out', None, 'Output path: a .model (sentencepiece) or a .json (bpe; a '
                       'tokenizer_config.json is written beside it).', required=True)
-  flags.DEFINE_integer('vocab_size', 8000, 'Vocabulary size, special tokens included.')
+  flags.DEFINE_integer('vocab_size', 8000, 'Vocabulary size, special tokens included.', lower_bound=1)
   flags.DEFINE_list('special_tokens', [], 'Tokens to add as single ids: chat template names ('
                     f'{", ".join(CHAT_SPECIAL_TOKENS)}: their markers) or the tokens themselves.')
   flags.DEFINE_string('bos_token', '<|begin_of_text|>', 'bpe: the BOS token; empty for none (Qwen).')
   flags.DEFINE_string('eos_token', '<|end_of_text|>', 'bpe: the EOS token.')
   flags.DEFINE_enum('model_type', 'bpe', ['bpe', 'unigram'], 'sentencepiece: its algorithm.')
-  flags.DEFINE_integer('max_chars', 200_000_000, 'Stop reading the corpus after this many characters.')
+  flags.DEFINE_integer('max_chars', 200_000_000, 'Stop reading the corpus after this many characters.',
+                       lower_bound=1)
 
 
 if __name__ == '__main__':
   define_flags()
-  sys.exit(app.run(main))
+  sys.exit(app.run(records.reporting_bad_input(main)))

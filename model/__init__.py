@@ -4,5 +4,14 @@ Library modules import JAX, Flax and orbax only: never `train/`, nor `data/` (no
 command-line modules (generate, convert, evaluate) use `data/`, for tokenizers and chat templates.
 """
 
-from model.config import PRESETS, ModelConfig, preset
-from model.transformer import Transformer, abstract_params, count_params, init_params
+import os
+
+# Before JAX loads: XLA and TensorFlow (the input pipelines) log through one C++ logger whose level is
+# read once, when jaxlib loads. Errors only: TensorFlow would otherwise log every bad input record's
+# Python traceback twice before the one-line error (model/runtime.py). TF_CPP_MIN_LOG_LEVEL=0 shows
+# XLA's INFO and WARNING lines again.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from model.config import PRESETS, ModelConfig, preset  # pylint: disable=wrong-import-position
+from model.transformer import (  # pylint: disable=wrong-import-position
+    Transformer, abstract_params, count_params, init_params)

@@ -334,6 +334,18 @@ COMMANDS = {'import': ('hf_dir', 'out'), 'export': ('ckpt', 'out'), 'check': ('h
 def main(argv):
   command = runtime.parse_command(argv, COMMANDS)
   runtime.setup(keep_freed_memory=False)
+  if command in ('import', 'check') and not os.path.isfile(os.path.join(FLAGS.hf_dir, 'config.json')):
+    raise app.UsageError(f'--hf-dir: {FLAGS.hf_dir} holds no config.json (expected a Hugging Face '
+                         'model folder)')
+  if FLAGS.ckpt and command != 'import':
+    with runtime.flag_error('ckpt'):
+      params.resolve_step_dir(FLAGS.ckpt)
+  if command == 'import-peft':
+    with runtime.flag_error('base'):
+      params.resolve_step_dir(FLAGS.base)
+    if not os.path.isfile(os.path.join(FLAGS.adapter_dir, peft.CONFIG)):
+      raise app.UsageError(f'--adapter-dir: {FLAGS.adapter_dir} holds no {peft.CONFIG} (expected a '
+                           'PEFT adapter folder)')
   if command == 'check':
     tokens, labels, decode = _check_tokens(FLAGS.tokenizer, FLAGS.hf_dir, FLAGS.prompt or CHECK_PROMPTS)
     try:
@@ -377,11 +389,13 @@ def define_flags():
   flags.DEFINE_multi_string('prompt', None, 'check: a prompt; repeat for several (default: three '
                             'built-in ones).')
   flags.DEFINE_float('atol', None, 'check: the largest logit difference allowed (default by --dtype: '
-                     + ', '.join(f'{k} {v[0]:g}' for k, v in CHECK_TOLERANCES.items()) + ').')
+                     + ', '.join(f'{k} {v[0]:g}' for k, v in CHECK_TOLERANCES.items()) + ').',
+                     lower_bound=0)
   flags.DEFINE_float('max_kl', None, 'check: the largest KL divergence allowed at any position (default '
-                     'by --dtype: ' + ', '.join(f'{k} {v[1]:g}' for k, v in CHECK_TOLERANCES.items()) + ').')
+                     'by --dtype: ' + ', '.join(f'{k} {v[1]:g}' for k, v in CHECK_TOLERANCES.items()) + ').',
+                     lower_bound=0)
   flags.DEFINE_integer('max_seq_len', None, 'import: override max_seq_len (default: config.json '
-                       'max_position_embeddings).')
+                       'max_position_embeddings).', lower_bound=1)
   flags.DEFINE_bool('scan_layers', True, 'import: layers stacked on axis 0 (--noscan_layers or '
                     '--no-scan-layers: layers_0, layers_1, ...).')
   flags.DEFINE_enum('arch', None, sorted(hf.ARCH_CLASSES), 'export: architecture to write (default: '
@@ -391,6 +405,7 @@ def define_flags():
                              'written into tokenizer_config.json, and its end-of-turn tokens into '
                              'generation_config.json.')
   flags.DEFINE_float('shard_size_gb', 5.0, 'export: largest safetensors file, in GB.')
+  flags.register_validator('shard_size_gb', lambda gb: gb > 0, '--shard-size-gb must be positive')
   flags.DEFINE_string('adapter_dir', None, 'import-peft: a PEFT adapter folder (adapter_config.json, '
                       'adapter_model.safetensors).')
   flags.DEFINE_string('base', None, 'import-peft: the base model\'s checkpoint the adapter was made for.')
@@ -402,4 +417,4 @@ def define_flags():
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  runtime.run(main)

@@ -79,7 +79,8 @@ def run_lm_eval():
   except FileNotFoundError as e:
     raise SystemExit(f'a task\'s data file is missing: {e}') from None
 
-  tokenizer = load_tokenizer(FLAGS.tokenizer)
+  with runtime.flag_error('tokenizer'):
+    tokenizer = load_tokenizer(FLAGS.tokenizer)
   template = chat.template_from_flags(tokenizer, none_if_unset=False) if FLAGS.apply_chat_template else None
   cfg, lora, params, mesh = model_from_flags(tokenizer)
   lm = FlaxLM(cfg, params, tokenizer, template, mesh=mesh, batch_size=FLAGS.batch_size,
@@ -120,10 +121,12 @@ def run_generate_metrics():
   cfg.format = FLAGS.format
   try:
     cfg.fields.update(json.loads(FLAGS.fields) if FLAGS.fields else {})
+  except (json.JSONDecodeError, KeyError) as e:
+    raise app.UsageError(f'--fields: {e}') from None
+  with runtime.flag_error('data'):  # a BadRecord names the file and line
     records = instructions.conversations(FLAGS.data, cfg, int(FLAGS.limit or 0))
-  except (BadRecord, json.JSONDecodeError, KeyError) as e:
-    raise SystemExit(f'{e}') from None
-  tokenizer = load_tokenizer(FLAGS.tokenizer)
+  with runtime.flag_error('tokenizer'):
+    tokenizer = load_tokenizer(FLAGS.tokenizer)
   template = chat.template_from_flags(tokenizer, none_if_unset=False)
   try:
     prompts, references = task_metrics.prompts_and_references(template, [(w, m) for w, m, _ in records])
@@ -232,4 +235,4 @@ def define_flags():
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  runtime.run(main)

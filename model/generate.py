@@ -134,6 +134,10 @@ class Generator:
   def _inputs(self, prompts, sampling: SamplingConfig, stop_ids, pad_id):
     if not stop_ids:
       raise ValueError('Give at least one stop token id (e.g. the tokenizer EOS)')
+    if (sampling.max_new_tokens < 1 or sampling.temperature < 0 or sampling.top_k < 0
+        or not 0 <= sampling.top_p <= 1):
+      raise ValueError(f'{sampling}: max_new_tokens must be >= 1, temperature and top_k >= 0, and '
+                       'top_p in [0, 1]')
     tokens, segments, positions = left_pad(prompts, pad_id)
     longest = max(len(p) for p in prompts)  # padding takes no positions
     if longest + sampling.max_new_tokens > self.config.max_seq_len:
@@ -217,23 +221,32 @@ FLAGS = flags.FLAGS  # defined by define_flags() when run as a program
 
 def model_from_flags(tokenizer):
   """(ModelConfig, LoraConfig, parameters, mesh) of --ckpt, --dtype, --param_dtype and --mesh (flags
-  of this command and model.evaluate), the vocabulary checked against `tokenizer` before any weights
-  are read."""
-  try:
-    check_vocab(tokenizer, params_lib.load_model_config(FLAGS.ckpt).vocab_size)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+  of this command and model.evaluate), the flags and the vocabulary checked against `tokenizer` before
+  any weights are read."""
+  with runtime.flag_error('ckpt'):
+    saved_config = params_lib.load_model_config(FLAGS.ckpt)
+  with runtime.flag_error('tokenizer'):
+    check_vocab(tokenizer, saved_config.vocab_size)
   mesh = None
   if FLAGS.mesh:
-    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, map(int, FLAGS.mesh.split(',')))))
+    with runtime.flag_error('mesh'):
+      sizes = FLAGS.mesh.split(',')
+      if len(sizes) != len(sharding.MESH_AXES) or not all(n.strip().lstrip('-').isdigit() for n in sizes):
+        raise ValueError(f'expected {len(sharding.MESH_AXES)} comma-separated sizes '
+                         f'({",".join(sharding.MESH_AXES)}, -1 for the rest), got {FLAGS.mesh!r}')
+      mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, map(int, sizes))))
+  # A LoRA checkpoint runs unmerged, over the base it refers to; both are checked against their
+  # checksums as they load.
   return (*load_model(FLAGS.ckpt, FLAGS.dtype, FLAGS.param_dtype, mesh), mesh)
 
 
 def main(argv):
   runtime.no_positional_arguments(argv)
   runtime.setup(keep_freed_memory=False)
-  tokenizer = load_tokenizer(FLAGS.tokenizer)
-  model_config, lora, params, mesh = model_from_flags(tokenizer)
+  if FLAGS.system and not FLAGS.chat_template:
+    raise app.UsageError('--system needs --chat-template (a system message is a turn of a template)')
+  with runtime.flag_error('tokenizer'):
+    tokenizer = load_tokenizer(FLAGS.tokenizer)
 
   template = chat.template_from_flags(tokenizer)
   if template:
@@ -243,6 +256,10 @@ def main(argv):
     bos = [tokenizer.bos_id] if tokenizer.add_bos else []
     prompts = [bos + tokenizer.encode(p) for p in FLAGS.prompt]
     stop_ids = [tokenizer.eos_id]
+  if not all(prompts):
+    raise app.UsageError('--prompt: an empty prompt (this tokenizer starts texts without BOS, so it '
+                         'would have no token)')
+  model_config, lora, params, mesh = model_from_flags(tokenizer)
   generator = Generator(model_config, params, mesh, sharding.LOGICAL_AXIS_RULES, lora)
   sampling = SamplingConfig(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p,
                             FLAGS.seed, vocab_limit=tokenizer.vocab_size)
@@ -278,4 +295,4 @@ def define_flags():
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  runtime.run(main)

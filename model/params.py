@@ -3,27 +3,29 @@
 A step folder `<checkpoints>/<step>/` holds `state/` (an orbax PyTree whose `params` subtree is the
 model's parameters; training adds the step counter and optimizer state beside it, see
 train/checkpoint.py) and `model_config/` (the ModelConfig as JSON), so that the folder alone rebuilds
-the model. A LoRA step folder's `params` are only the adapters; its `lora/` item (JSON) holds their
-LoraConfig and a reference to the frozen base's own step folder, with the base's fingerprint
-(model/adapters.py). This module resolves such folders (from a workdir, `WORKDIR:best`, its
-checkpoints/ folder, or the step folder itself), reads a step's model config, loads its parameters
-with a shape check first, and writes parameters-only step folders (Hugging Face imports). Local or
-gs:// paths (etils.epath).
+the model, and `checksums.json` (model/checksums.py). A LoRA step folder's `params` are only the
+adapters; its `lora/` item (JSON) holds their LoraConfig and a reference to the frozen base's own step
+folder, with the base's fingerprint (model/adapters.py). This module resolves such folders (from a
+workdir, `WORKDIR:best`, its checkpoints/ folder, or the step folder itself), reads a step's model
+config, loads its parameters with a shape check first and their checksums checked alongside, and
+writes parameters-only step folders (Hugging Face imports). Local or gs:// paths (etils.epath).
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
 import logging as std_logging
 import os
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
-from model import sharding
+from model import checksums, sharding
 from model.config import DTYPES, ModelConfig
 from model.lora import LoraConfig
 from model.transformer import abstract_params
@@ -32,8 +34,11 @@ STATE, MODEL_CONFIG, LORA = 'state', 'model_config', 'lora'  # the items of a st
 # `WORKDIR:best` names the step that a run's early stopping judged best (config.train.early_stopping):
 # WORKDIR/BEST_RECORD holds {"step", "metric", "value", "mode"} (train/evaluation.py writes it).
 BEST, BEST_RECORD = ':best', 'best_checkpoint.json'
-# Orbax writes a step to `<step>.orbax-checkpoint-tmp-*` and renames it when complete.
+# Orbax writes a step to `<step>.orbax-checkpoint-tmp-*` and renames it when complete; on object
+# stores it writes the step folder in place and marks it complete with COMMIT_FILE.
 TMP_MARK = '.orbax-checkpoint-tmp'
+COMMIT_FILE = 'commit_success.txt'
+T = TypeVar('T')
 
 
 def is_remote(path) -> bool:
@@ -51,8 +56,24 @@ def saved_steps(directory) -> list[int]:
   directory = absolute(directory)
   if not directory.exists():
     return []
+  remote = is_remote(directory)
   return sorted(int(c.name) for c in directory.iterdir()
-                if c.name.isdigit() and (c / STATE).exists() and TMP_MARK not in c.name)
+                if c.name.isdigit() and (c / STATE).exists()
+                and (not remote or (c / COMMIT_FILE).exists()))
+
+
+def step_dirs(path) -> list[epath.Path]:
+  """The complete step folders of a workdir or its checkpoints/ folder, oldest first; a step folder
+  itself (holding state/) is its own list."""
+  p = absolute(path)
+  if (p / STATE).exists():
+    return [p]
+  for root in (p / 'checkpoints', p):
+    steps = saved_steps(root)
+    if steps:
+      return [root / str(step) for step in steps]
+  raise FileNotFoundError(f'No checkpoint at {path}: expected a workdir, its checkpoints/ folder, or '
+                          'a step folder holding state/')
 
 
 def resolve_step_dir(path) -> epath.Path:
@@ -60,15 +81,53 @@ def resolve_step_dir(path) -> epath.Path:
   folder, or a step folder itself."""
   if str(path).endswith(BEST):
     return best_step_dir(str(path)[:-len(BEST)])
-  p = absolute(path)
-  if (p / STATE).exists():
-    return p
-  for root in (p / 'checkpoints', p):
-    steps = saved_steps(root)
-    if steps:
-      return root / str(steps[-1])
-  raise FileNotFoundError(f'No checkpoint at {path}: expected a workdir, its checkpoints/ folder, or '
-                          'a step folder holding state/')
+  return step_dirs(path)[-1]
+
+
+def intact_step_before(step_dir) -> epath.Path | None:
+  """The newest step folder older than `step_dir` beside it that a quick check finds intact."""
+  step_dir = absolute(step_dir)
+  if not step_dir.name.isdigit():
+    return None
+  for step in reversed([s for s in saved_steps(step_dir.parent) if s < int(step_dir.name)]):
+    if checksums.check(step_dir.parent / str(step), quick=True).status == 'ok':
+      return step_dir.parent / str(step)
+  return None
+
+
+def damaged(step_dir, problems, advice: str = '') -> checksums.DamagedCheckpoint:
+  """The error for a damaged step, naming the newest earlier step that looks intact."""
+  return checksums.DamagedCheckpoint(step_dir, problems, intact_step_before(step_dir), advice)
+
+
+def quick_check(step_dir):
+  """Sizes and small files (metadata) against the manifest, before anything parses them."""
+  report = checksums.check(step_dir, quick=True)
+  if report.status == 'damaged':
+    raise damaged(step_dir, report.problems)
+
+
+def restore_verified(step_dir, restore: Callable[[], T], share: tuple[int, int] = (0, 1),
+                     anywhere: Callable[[bool], bool] = lambda found: found) -> T:
+  """`restore()`, while the step's checksums are checked in a parallel thread. A mismatch raises
+  DamagedCheckpoint (naming the step, the file, and the newest earlier step that looks intact), in
+  preference to whatever the restore raised. Hosts split the reading (`share` = (host, hosts)) and
+  `anywhere(found)` tells whether any host found damage."""
+  quick_check(step_dir)
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    checking = pool.submit(checksums.check, step_dir, share)
+    try:
+      restored = restore()
+    except Exception:
+      if checking.result().status == 'damaged':
+        raise damaged(step_dir, checking.result().problems) from None
+      raise
+    report = checking.result()
+  if anywhere(report.status == 'damaged'):
+    raise damaged(step_dir, report.problems or ['another host found damaged files (see its log)'])
+  if report.status == 'unverified':
+    logging.warning('%s: restoring it unchecked', report.problems[0])
+  return restored
 
 
 def best_step_dir(workdir) -> epath.Path:
@@ -79,7 +138,7 @@ def best_step_dir(workdir) -> epath.Path:
                             'config.train.early_stopping.metric is set')
   best = json.loads(record.read_text())
   step_dir = absolute(workdir) / 'checkpoints' / str(best['step'])
-  if not (step_dir / STATE).exists():
+  if best['step'] not in saved_steps(step_dir.parent):
     raise FileNotFoundError(f'{workdir}{BEST}: the best step, {best["step"]} ({best["metric"]} '
                             f'{best["value"]:.4g}), has no checkpoint at {step_dir}')
   return step_dir
@@ -88,6 +147,7 @@ def best_step_dir(workdir) -> epath.Path:
 def load_model_config(path) -> ModelConfig:
   """The ModelConfig stored with a checkpoint."""
   step_dir = resolve_step_dir(path)
+  quick_check(step_dir)
   meta = step_dir / MODEL_CONFIG / 'metadata'
   if not meta.exists():
     raise FileNotFoundError(f'{step_dir} holds no model_config; it was not written by this project')
@@ -96,7 +156,9 @@ def load_model_config(path) -> ModelConfig:
 
 def load_lora_reference(path) -> dict | None:
   """The `lora` item of a step folder ({'config', 'base', 'fingerprint'}), or None for plain weights."""
-  meta = resolve_step_dir(path) / LORA / 'metadata'
+  step_dir = resolve_step_dir(path)
+  quick_check(step_dir)
+  meta = step_dir / LORA / 'metadata'
   return json.loads(meta.read_text()) if meta.exists() else None
 
 
@@ -146,28 +208,33 @@ def check_params_match(path, expected: Any):
 def load_params(path, abstract: Any) -> Any:
   """Restores only the parameters of a checkpoint onto the shapes, dtypes and shardings of `abstract`
   (e.g. `abstract_params_on(cfg, mesh)`). Raises a ValueError naming the first parameter whose shape
-  differs, before reading any weights."""
-  check_params_match(path, abstract)
-  with _reading_one_item():
-    restored = ocp.PyTreeCheckpointer().restore(resolve_step_dir(path) / STATE, args=ocp.args.PyTreeRestore(
-        item={'params': abstract},
-        restore_args={'params': ocp.checkpoint_utils.construct_restore_args(abstract)},
-        partial_restore=True))
-  return restored['params']
+  differs, before reading any weights, and a DamagedCheckpoint if the files fail their checksums."""
+  return _restore_params(path, abstract, abstract,
+                         ocp.checkpoint_utils.construct_restore_args(abstract))
 
 
 def load_params_numpy(path, cfg: ModelConfig, dtype: str, expected: Any = None) -> dict:
   """A checkpoint's parameters as host numpy arrays, cast to `dtype` as they are read (no device and
-  no second copy), after checking every shape against `cfg` (or the tree of shapes `expected`)."""
+  no second copy), after checking every shape against `cfg` (or the tree of shapes `expected`);
+  checksums as in `load_params`."""
   expected = abstract_params(cfg) if expected is None else expected
-  check_params_match(path, expected)
   target = jax.tree.map(lambda s: np.empty((0,), DTYPES[dtype]), expected)
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=DTYPES[dtype]),
                               expected)
-  with _reading_one_item():
-    restored = ocp.PyTreeCheckpointer().restore(resolve_step_dir(path) / STATE, args=ocp.args.PyTreeRestore(
-        item={'params': target}, restore_args={'params': restore_args}, partial_restore=True))
-  return restored['params']
+  return _restore_params(path, expected, target, restore_args)
+
+
+def _restore_params(path, expected: Any, target: Any, restore_args: Any) -> Any:
+  """The `params` subtree of a step's state, restored as `target` and `restore_args` say, after
+  checking its shapes against `expected`, with the step's checksums checked alongside."""
+  step_dir = resolve_step_dir(path)
+
+  def restore():
+    check_params_match(step_dir, expected)
+    with _reading_one_item():
+      return ocp.PyTreeCheckpointer().restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
+          item={'params': target}, restore_args={'params': restore_args}, partial_restore=True))
+  return restore_verified(step_dir, restore)['params']
 
 
 def step_items(state: ocp.args.CheckpointArgs, cfg: ModelConfig | None, **extra) -> ocp.args.Composite:
@@ -196,3 +263,4 @@ def save_params(directory, cfg: ModelConfig, params: dict, step: int = 0, lora: 
     extra = {LORA: ocp.args.JsonSave(lora)} if lora else {}
     manager.save(step, args=step_items(state, cfg, **extra))
     manager.wait_until_finished()
+  checksums.write_manifest(absolute(directory) / str(step))

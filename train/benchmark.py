@@ -18,7 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from data.synthetic import synthetic_global_batch
 from model import attention as attention_lib
@@ -179,6 +179,7 @@ def format_result(r: dict[str, float], name: str = '') -> str:
 
 def main(argv):
   runtime.no_positional_arguments(argv)
+  runtime.check_output_file('json', FLAGS.json)
   config = FLAGS.config
   runtime.setup(config.distributed)
   result = benchmark(config, FLAGS.steps, FLAGS.warmup)
@@ -202,4 +203,4 @@ def define_flags():
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  runtime.run(main)

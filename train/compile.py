@@ -13,7 +13,7 @@ import os
 import sys
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from model import runtime
@@ -28,7 +28,8 @@ def main(argv):
   config_flag = FLAGS['config']
   path = config_flags.get_config_filename(config_flag)
   overrides = config_flags.get_override_values(config_flag)
-  slice_ = topology.parse_topology(FLAGS.topology)
+  with runtime.flag_error('topology'):
+    slice_ = topology.parse_topology(FLAGS.topology)
   configs = [(topology.step_name(config_flag.value), path, config_flag.value)]
   sft = topology.sft_variant(path) if FLAGS.sft else None
   if sft:
@@ -62,4 +63,4 @@ if __name__ == '__main__':
   if 'JAX_PLATFORMS' not in os.environ:
     jax.config.update('jax_platforms', 'cpu')
   define_flags()
-  app.run(main)
+  runtime.run(main)

@@ -1,9 +1,11 @@
 """The training loop shared by `train.pretrain` and `train.sft`.
 
-config -> Run (mesh, model, optimizer) -> state (fresh, from `init_params`, or resumed from the
-workdir) -> jitted step over the host's batches -> periodic eval, logs and checkpoints. The data source
-is the only thing that differs between the entry points. Process setup (logs, jax.distributed, host
-memory) is the entry point's, done before (model/runtime.py).
+workdir lock -> config -> Run (mesh, model, optimizer) -> state (fresh, from `init_params`, or resumed
+from the workdir's newest intact checkpoint) -> jitted step over the host's batches -> periodic eval,
+logs and checkpoints. Everything that can fail on bad input (config, data, tokenizer, checkpoint,
+init_from) is tried before anything is written to the workdir; a finished run is left as it is. The
+data source is the only thing that differs between the entry points. Process setup (logs,
+jax.distributed, host memory) and ending (model/runtime.py) are the entry point's.
 """
 
 import json
@@ -18,7 +20,9 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from data.batch import empty_batch
+from data.records import BadRecord
 from model import adapters as adapters_lib
+from model import checksums
 from model import params as params_lib
 from train import batches as batches_lib
 from train import checkpoint as checkpoint_lib
@@ -71,23 +75,18 @@ class TrainingDiverged(RuntimeError):
 
 
 class Trainer:
-  """One training run: state, input iterators, checkpointer and metric writer, built in that order
-  from the config, then `fit()` to step until `config.train.steps` or a stop signal."""
+  """One training run: input iterators, state (resumed or fresh), checkpointer and metric writer,
+  built from the config in that order, so that whatever bad input can fail does before the workdir
+  is written to; then `fit()` steps until `config.train.steps` or a stop signal."""
 
   def __init__(self, config: Any, workdir: str, data: DataSource,
                init_params: Callable[[Run], Any] | None = None):
     self.config, self.workdir, self.data = config, workdir, data
     self.run = run = Run(config, tokenizer_vocab=data.vocab_size)
     self.primary = jax.process_index() == 0
-    self.ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint.keep,
-                                            config.checkpoint.async_save, run.model_config)
-    self.resumed_from = self.ckpt.latest_step()
+    checkpoints = os.path.join(workdir, 'checkpoints')
+    self.resumed_from = (params_lib.saved_steps(checkpoints) or [None])[-1]
     workdir_lib.check_config(config, workdir, self.resumed_from is not None)
-    if self.primary:
-      workdir_lib.write_config(workdir, config)
-    self.writer = metrics_lib.MetricWriter(
-        workdir, enabled=self.primary, wandb_project=config.logging.wandb_project,
-        wandb_entity=config.logging.wandb_entity, run_config=json.loads(config.to_json_best_effort()))
 
     tcfg = config.train
     shard_index, shard_count, local_batch = batches_lib.data_shard(run.batch_sharding, tcfg.batch_size)
@@ -100,13 +99,15 @@ class Trainer:
     evaluated = (['eval_loss', 'eval_perplexity'] if self.eval_batches else []) + (
         [f'eval_{m}' for m in self.generation.metrics] if self.generation else [])
     self.early_stopping = evaluation_lib.EarlyStopping(config, evaluated)
+
+    checkpointer = lambda: checkpoint_lib.Checkpointer(checkpoints, config.checkpoint.keep,
+                                                       config.checkpoint.async_save, run.model_config)
     if self.resumed_from is not None:
+      self.ckpt = checkpointer()
+      self.resumed_from, self.state, data_state = self._restore(self.resumed_from)
       self.early_stopping.replay(workdir, self.resumed_from, self.ckpt.directory)
       if self.early_stopping.best_step is not None:
         self.ckpt.pin(self.early_stopping.best_step)
-
-    if self.resumed_from is not None:
-      self.state, data_state = self.ckpt.restore(self.resumed_from, run.abstract_state())
       if run.lora.enabled:
         self._reattach_base()
       if data_state is None:
@@ -116,7 +117,7 @@ class Trainer:
         self.train_iter.set_state(data_state)
       logging.info('Resumed from %s at step %d', self.ckpt.directory, self.resumed_from)
     # Read the first batch before initialising or compiling anything: bad input fails fast.
-    self.first_batch = next(self.train_iter)
+    self.first_batch = self._next_batch()
     if self.resumed_from is None:
       start = init_params(run) if init_params else checkpoint_lib.Start()
       if run.lora.enabled and start.frozen is None:
@@ -124,7 +125,15 @@ class Trainer:
                                    'model: set config.init_from to it (a checkpoint or an imported '
                                    'Hugging Face model)')
       self.state = run.init_state(start.params, start.frozen)
+      self.ckpt = checkpointer()
       self.ckpt.lora_reference = start.base
+    # Only now, with the config, data, tokenizer and starting point known to be good, the workdir
+    # gets this run's files.
+    if self.primary:
+      workdir_lib.write_config(workdir, config)
+    self.writer = metrics_lib.MetricWriter(
+        workdir, enabled=self.primary, wandb_project=config.logging.wandb_project,
+        wandb_entity=config.logging.wandb_entity, run_config=json.loads(config.to_json_best_effort()))
     n_params = sum(x.size for x in jax.tree.leaves(self.state.params))
     frozen = (f' trainable (LoRA rank {run.lora.rank} on {run.lora.targets}) over a frozen base of '
               f'{sum(x.size for x in jax.tree.leaves(self.state.frozen)):,} values'
@@ -139,6 +148,37 @@ class Trainer:
     self.peak = peak_tflops()
     self.last: dict[str, float] = {}
     self.eval_history: list[dict] = []
+
+  def _restore(self, step: int):
+    """(step, state, data position) of checkpoint `step`; if it is damaged and
+    checkpoint.fall_back_to_intact is set, of the newest earlier step that is intact (the damaged
+    ones are set aside as `<step>.damaged`)."""
+    while True:
+      try:
+        return (step, *self.ckpt.restore(step, self.run.abstract_state()))
+      except checksums.DamagedCheckpoint as e:
+        if e.fallback is None:
+          raise checksums.DamagedCheckpoint(e.step_dir, e.problems, None, advice=(
+              f'Start again in a new --workdir, or delete {self.ckpt.directory} to train from '
+              'scratch here.')) from None
+        if not self.config.checkpoint.fall_back_to_intact:
+          raise checksums.DamagedCheckpoint(e.step_dir, e.problems, e.fallback, advice=(
+              'To resume from it, run again with --config.checkpoint.fall_back_to_intact=True (the '
+              f'damaged step is kept as {step}.damaged and the steps after {e.fallback.name} are '
+              'trained again).')) from None
+        kept_as = self.ckpt.set_aside(step)
+        logging.warning('%s Kept as %s; resuming from step %s (checkpoint.fall_back_to_intact).', e,
+                        kept_as, e.fallback.name)
+        step = int(e.fallback.name)
+
+  def _next_batch(self):
+    try:
+      return next(self.train_iter)
+    except BadRecord as e:
+      if 'skip_bad_records' in str(e):
+        raise
+      raise BadRecord(f'{e}. Fix or remove that record, or skip (and count) bad records with '
+                      '--config.data.skip_bad_records=True') from None
 
   def _reattach_base(self):
     """A resumed LoRA run's frozen base, from the checkpoint its adapters refer to (and checked)."""
@@ -213,13 +253,58 @@ class Trainer:
     step = int(jax.device_get(self.state.step))
     if step == 0 and tcfg.eval_at_start:
       self.evaluate(0)
+    try:
+      step, stopped_by = self._loop(step)
+    except BaseException as e:
+      self._after_failure(e)
+      raise
+    if stopped_by is None and stopping_early.stopped_at is None and (
+        self.resumed_from is None or self.resumed_from < tcfg.steps):
+      self.evaluate(step, final=True)
+    self.ckpt.wait()
+    if self.primary:
+      stopping_early.publish(self.workdir, self.ckpt.directory)
+    self.ckpt.close()
+    self.writer.close()
+    if stopped_by:
+      logging.warning('Stopped at step %d (%s); checkpoint saved in %s. Run the same command to '
+                      'resume.', step, stopped_by, self.ckpt.directory)
+      self.last['stopped_at'] = step
+    if stopping_early.stopped_at is not None:
+      logging.info('Early stopping at step %d: %s has not improved on step %d by more than %g in %d '
+                   'evaluations', stopping_early.stopped_at, stopping_early.metric,
+                   stopping_early.best_step, stopping_early.min_delta, stopping_early.waiting)
+    best = stopping_early.summary(self.ckpt.directory)
+    if best:
+      logging.info('Best checkpoint: step %d (%s %.4f), %s; select it with --ckpt %s%s',
+                   stopping_early.best_step, stopping_early.metric, stopping_early.best_value,
+                   best['best_checkpoint'], self.workdir, params_lib.BEST)
+    if self.primary:
+      workdir_lib.write_json(os.path.join(self.workdir, workdir_lib.FINAL_METRICS),
+                             {'step': step, **self.last, **best})
+    return self.last
+
+  def _after_failure(self, error: BaseException):
+    """Keeps what the run has done: the checkpoint in flight finishes (unless the user interrupted, or
+    it is what failed), and the metrics are flushed. The input pipeline is left running: destroying
+    a tf.data iterator with work in flight can deadlock (model/runtime.py ends the process)."""
+    if not isinstance(error, (KeyboardInterrupt, checkpoint_lib.CheckpointNotWritten)):
+      try:
+        self.ckpt.wait()
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        logging.error('The checkpoint in flight failed too: %s', e)
+    self.writer.close()
+
+  def _loop(self, step: int) -> tuple[int, str | None]:
+    """Steps to `train.steps` or a stop signal; returns the step reached and what stopped it (None:
+    nothing)."""
+    tcfg = self.config.train
     # Timing windows start after the first step, whose time is mostly compilation.
     pending, window_start, window_steps = [], None, 0
     consecutive_skips, last_saved = 0, self.resumed_from
-    stopped_by = None
     with preemption.StopRequest() as stop:
-      while step < tcfg.steps and stopping_early.stopped_at is None:
-        local_batch, self.first_batch = self.first_batch or next(self.train_iter), None
+      while step < tcfg.steps and self.early_stopping.stopped_at is None:
+        local_batch, self.first_batch = self.first_batch or self._next_batch(), None
         batch = self.run.global_batch(local_batch)
         self.state, step_metrics = self.train_step(self.state, batch)
         step += 1
@@ -260,41 +345,25 @@ class Trainer:
           self.save(step)
           last_saved = step
         if stopping:
-          stopped_by = stop.signal_name or 'a signal on another host'
-          break
-
-    if stopped_by is None and stopping_early.stopped_at is None and (
-        self.resumed_from is None or self.resumed_from < tcfg.steps):
-      self.evaluate(step, final=True)
-    self.ckpt.wait()
-    if self.primary:
-      stopping_early.publish(self.workdir, self.ckpt.directory)
-    self.ckpt.close()
-    self.writer.close()
-    if stopped_by:
-      logging.warning('Stopped at step %d (%s); checkpoint saved in %s. Run the same command to '
-                      'resume.', step, stopped_by, self.ckpt.directory)
-      self.last['stopped_at'] = step
-    if stopping_early.stopped_at is not None:
-      logging.info('Early stopping at step %d: %s has not improved on step %d by more than %g in %d '
-                   'evaluations', stopping_early.stopped_at, stopping_early.metric,
-                   stopping_early.best_step, stopping_early.min_delta, stopping_early.waiting)
-    best = stopping_early.summary(self.ckpt.directory)
-    if best:
-      logging.info('Best checkpoint: step %d (%s %.4f), %s; select it with --ckpt %s%s',
-                   stopping_early.best_step, stopping_early.metric, stopping_early.best_value,
-                   best['best_checkpoint'], self.workdir, params_lib.BEST)
-    if self.primary:
-      workdir_lib.write_json(os.path.join(self.workdir, 'final_metrics.json'),
-                             {'step': step, **self.last, **best})
-    return self.last
+          return step, stop.signal_name or 'a signal on another host'
+    return step, None
 
 
-def train(config: Any, workdir: str, data: DataSource,
+def train(config: Any, workdir: str, data: DataSource | Callable[[], DataSource],
           init_params: Callable[[Run], Any] | None = None) -> dict[str, float]:
-  """Trains to `config.train.steps`, resuming from `workdir` if it holds checkpoints.
+  """Trains to `config.train.steps`, resuming from `workdir` if it holds checkpoints; one run per
+  workdir (workdir.RunLock); a run that has finished already is left as it is.
 
+  `data`: a DataSource, or a function that builds one (called once the workdir is locked).
   `init_params(run)` supplies starting parameters for a fresh run (fine-tuning); a fresh optimizer
-  state is built around them. Returns the last logged metrics.
+  state is built around them. Returns the last logged metrics (a finished run's final metrics).
   """
-  return Trainer(config, workdir, data, init_params).fit()
+  with workdir_lib.RunLock(workdir, take_over=config.train.take_over_lock):
+    final = workdir_lib.finished_run(workdir, config.train.steps)
+    if final is not None:
+      workdir_lib.check_config(config, workdir, has_checkpoint=True)
+      logging.warning('%s finished at step %d already (train.steps = %d): nothing to do, its results '
+                      'are kept. Raise --config.train.steps to train on, or use a new --workdir.',
+                      workdir, final['step'], config.train.steps)
+      return final
+    return Trainer(config, workdir, data() if callable(data) else data, init_params).fit()

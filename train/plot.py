@@ -178,12 +178,12 @@ def main(argv):
   try:
     import matplotlib  # pylint: disable=import-outside-toplevel
   except ImportError:
-    sys.exit('train.plot needs matplotlib, which is not installed: pip install matplotlib')
+    sys.exit('error: train.plot needs matplotlib, which is not installed: pip install matplotlib')
   matplotlib.use('Agg')
   try:
     _, runs = plot_runs(workdirs, FLAGS.out, FLAGS.label, FLAGS.title)
   except (FileNotFoundError, ValueError) as e:
-    sys.exit(f'train.plot: {e}')
+    sys.exit(f'error: {e}')
   for run in runs:
     print(summary(run))
   print(f'Wrote {FLAGS.out}')

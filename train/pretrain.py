@@ -6,7 +6,7 @@ With `--config.init_from` (a checkpoint or an imported Hugging Face model) pretr
 those parameters, e.g. with LoRA (`--config.lora.rank=16`) on new text.
 """
 
-from absl import app, flags
+from absl import flags
 
 from data.synthetic import SyntheticData
 from model import runtime
@@ -27,9 +27,9 @@ def main(argv):
   config = FLAGS.config
   runtime.setup(config.distributed)
   init = checkpoint.params_from(config.init_from) if config.init_from else None
-  loop.train(config, FLAGS.workdir, make_data(config), init_params=init)
+  loop.train(config, FLAGS.workdir, lambda: make_data(config), init_params=init)
 
 
 if __name__ == '__main__':
   run.define_flags()
-  app.run(main)
+  runtime.run(main)

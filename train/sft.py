@@ -7,7 +7,7 @@ the starting parameters; the optimizer starts fresh. An existing checkpoint in `
 restarted job resumes where it stopped.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from model import runtime
 from train import checkpoint, loop, run
@@ -23,9 +23,10 @@ def main(argv):
     logging.warning('config.init_from is empty: instruction tuning starts from random parameters')
   init = checkpoint.params_from(config.init_from) if config.init_from else None
   from data.sft import SFTData  # pylint: disable=import-outside-toplevel  (TensorFlow)
-  loop.train(config, FLAGS.workdir, SFTData(config.data, config.train.seq_len), init_params=init)
+  loop.train(config, FLAGS.workdir, lambda: SFTData(config.data, config.train.seq_len),
+             init_params=init)
 
 
 if __name__ == '__main__':
   run.define_flags()
-  app.run(main)
+  runtime.run(main)

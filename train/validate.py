@@ -47,9 +47,11 @@ def check(config: Any, model: ModelConfig, num_devices: int, tokenizer_vocab: in
   if config.checkpoint.every_steps <= 0 or config.checkpoint.keep <= 0:
     errors.append(f'checkpoint.every_steps and checkpoint.keep must be positive, got '
                   f'{config.checkpoint.every_steps} and {config.checkpoint.keep}')
-  if opt.lr < 0 or opt.warmup_steps < 0 or opt.decay_steps < 0:
-    errors.append(f'optimizer.lr, warmup_steps and decay_steps must be >= 0, got '
-                  f'{opt.lr}, {opt.warmup_steps}, {opt.decay_steps}')
+  if opt.lr <= 0:
+    errors.append(f'optimizer.lr must be positive, got {opt.lr} (at 0 the run would train nothing)')
+  if opt.warmup_steps < 0 or opt.decay_steps < 0:
+    errors.append(f'optimizer.warmup_steps and decay_steps must be >= 0, got '
+                  f'{opt.warmup_steps}, {opt.decay_steps}')
   if not 0 <= opt.min_lr_ratio <= 1:
     errors.append(f'optimizer.min_lr_ratio must be in [0, 1], got {opt.min_lr_ratio}')
 
@@ -82,4 +84,5 @@ def check(config: Any, model: ModelConfig, num_devices: int, tokenizer_vocab: in
     errors.append(f'the tokenizer has {tokenizer_vocab} tokens but model.vocab_size is '
                   f'{model.vocab_size}; token ids would fall outside the embedding table')
   if errors:
-    raise ConfigError('Invalid config:\n  ' + '\n  '.join(errors))
+    raise ConfigError('Invalid config: ' + (errors[0] if len(errors) == 1 else
+                                            '\n  ' + '\n  '.join(errors)))
