@@ -35,7 +35,6 @@ from absl import app, flags, logging
 
 from data import chat, instructions
 from data import config as data_config
-from data.records import BadRecord
 from data.tokenizer import load_tokenizer
 from model import params as params_lib
 from model import runtime, sharding, task_metrics

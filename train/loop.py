@@ -341,7 +341,7 @@ class Trainer:
           self.evaluate(step)
         stopping = stop.should_stop()
         if (step % self.config.checkpoint.every_steps == 0 or step == tcfg.steps or stopping
-            or step in (stopping_early.best_step, stopping_early.stopped_at)):
+            or step in (self.early_stopping.best_step, self.early_stopping.stopped_at)):
           self.save(step)
           last_saved = step
         if stopping:
