@@ -2,7 +2,6 @@
 or, where configured, is skipped or repaired and counted."""
 
 import json
-import os
 import re
 
 import pytest
