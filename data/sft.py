@@ -25,9 +25,12 @@ from data.config import OVERLONG_POLICIES, SFT_FORMATS
 from data.records import BadRecord
 from data.tokenizer import load_tokenizer
 
-# The fields (keys of config.data.fields) that each format reads; alpaca's `input` may be missing.
+# The fields (keys of config.data.fields) that each format reads (preference pairs: data/preference.py),
+# and those that may be missing.
 FORMAT_FIELDS = {'alpaca': ('instruction', 'input', 'output'), 'chat': ('messages',),
-                 'prompt_completion': ('prompt', 'completion')}
+                 'prompt_completion': ('prompt', 'completion'),
+                 'preference': ('prompt', 'chosen', 'rejected')}
+OPTIONAL_FIELDS = {'alpaca': ('input',), 'preference': ('prompt',)}
 
 
 def _parquet_records(path: str, fmt: str, fields: Any) -> Iterator[tuple[str, Any]]:
@@ -35,7 +38,8 @@ def _parquet_records(path: str, fmt: str, fields: Any) -> Iterator[tuple[str, An
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   with sources.open_parquet(path) as parquet:
     names = parquet.schema_arrow.names
-    missing = [f for f in FORMAT_FIELDS[fmt] if fields[f] not in names and f != 'input']
+    missing = [f for f in FORMAT_FIELDS[fmt]
+               if fields[f] not in names and f not in OPTIONAL_FIELDS.get(fmt, ())]
     if missing:
       raise BadRecord(f'{path}: no column {fields[missing[0]]!r} (config.data.fields.{missing[0]}); '
                       f'columns: {names}')
@@ -51,7 +55,7 @@ def _parquet_records(path: str, fmt: str, fields: Any) -> Iterator[tuple[str, An
         yield f'{where}, row {i}', row
 
 
-def _records(path: str, cfg: Any, counters: records.Counters) -> Iterator[tuple[str, Any]]:
+def read_records(path: str, cfg: Any, counters: records.Counters) -> Iterator[tuple[str, Any]]:
   """(location, parsed record or the BadRecord it is) for each record of a .json array, JSONL or
   .parquet file."""
   if path.endswith('.parquet'):
@@ -173,7 +177,7 @@ class SFTData:
     eval_files."""
     examples, held_out = [], []
     for path in sources.resolve_files(patterns):
-      for where, record in _records(path, cfg, self.counts):
+      for where, record in read_records(path, cfg, self.counts):
         error = record if isinstance(record, BadRecord) else None  # already names its place
         if error is None:
           try:
@@ -193,7 +197,7 @@ class SFTData:
           example = self._fit(rendered_example.ids, rendered_example.mask, split, cfg.overlong)
           if example is None:
             continue
-          if split == 'train' and not cfg.eval_files and _held_out(where, cfg.eval_fraction):
+          if split == 'train' and not cfg.eval_files and in_held_out_share(where, cfg.eval_fraction):
             held_out.append(example)
           else:
             examples.append(example)
@@ -255,7 +259,7 @@ class SFTData:
     return [pad_batch(b, batch_size) for b in mixture.Iterator(ds)]
 
 
-def _held_out(where: str, fraction: float) -> bool:
+def in_held_out_share(where: str, fraction: float) -> bool:
   """A fixed pseudo-random share of records, by file name and line (not by folder)."""
   key = where.rsplit('/', 1)[-1].encode()
   return fraction > 0 and int(hashlib.sha256(key).hexdigest(), 16) % 10_000 < fraction * 10_000

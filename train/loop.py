@@ -1,4 +1,4 @@
-"""The training loop shared by `train.pretrain` and `train.sft`.
+"""The training loop shared by `train.pretrain`, `train.sft` and `train.dpo`.
 
 config -> Run (mesh, model, optimizer) -> state (fresh, from `init_params`, or resumed from the
 workdir) -> jitted step over the host's batches -> periodic eval, logs and checkpoints. The data source
@@ -7,7 +7,6 @@ memory) is the entry point's, done before (model/runtime.py).
 """
 
 import json
-import math
 import os
 import time
 from typing import Any, Callable, Protocol
@@ -17,7 +16,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from data.batch import empty_batch
+from data.batch import empty_like
 from model import adapters as adapters_lib
 from train import batches as batches_lib
 from train import checkpoint as checkpoint_lib
@@ -40,16 +39,14 @@ class DataSource(Protocol):
     """This host's held-out batches (possibly none)."""
 
 
-def evaluate(run: Run, eval_step, params, batches) -> dict[str, float]:
-  """Loss and perplexity over the held-out batches of every host."""
+def evaluate(run: Run, eval_step, state, batches) -> dict[str, float]:
+  """The objective's held-out results (loss and perplexity; for preference tuning, loss and
+  preference accuracy) over the held-out batches of every host."""
   totals = None
   for batch in batches:
-    sums = eval_step(params, run.global_batch(batch))
+    sums = eval_step(state, run.global_batch(batch))
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-  totals = jax.device_get(totals)
-  loss = float(totals['ce'] / max(totals['weight'], 1.0))
-  return {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 50.0)),
-          'eval_tokens': float(totals['weight'])}
+  return run.objective.eval_results(jax.device_get(totals))
 
 
 def _equalize_eval_batches(batches):
@@ -60,7 +57,7 @@ def _equalize_eval_batches(batches):
   if len(batches) < count:
     if not batches:
       raise ValueError('This host has no eval data while others do; give every host some eval data')
-    batches = batches + [empty_batch(*batches[0]['inputs'].shape)] * (count - len(batches))
+    batches = batches + [empty_like(batches[0])] * (count - len(batches))
   return batches
 
 
@@ -97,6 +94,8 @@ class Trainer:
       self.state, data_state = self.ckpt.restore(self.resumed_from, run.abstract_state())
       if run.lora.enabled:
         self._reattach_base()
+      if run.reference_in_state:
+        self._reattach_reference()
       if data_state is None:
         logging.warning('Checkpoint %d has no input-pipeline position; data restarts from the '
                         'beginning', self.resumed_from)
@@ -111,8 +110,11 @@ class Trainer:
         raise validate.ConfigError(f'lora.rank={run.lora.rank} trains adapters over a frozen base '
                                    'model: set config.init_from to it (a checkpoint or an imported '
                                    'Hugging Face model)')
+      if run.reference_in_state and start.reference is None:
+        raise validate.ConfigError('preference tuning with the reference model in the step starts from '
+                                   'the model to align: set config.init_from to it')
       self.state = run.init_state(start.params, start.frozen)
-      self.ckpt.lora_reference = start.base
+      self.ckpt.lora_reference, self.ckpt.reference = start.base, start.reference
     n_params = sum(x.size for x in jax.tree.leaves(self.state.params))
     frozen = (f' trainable (LoRA rank {run.lora.rank} on {run.lora.targets}) over a frozen base of '
               f'{sum(x.size for x in jax.tree.leaves(self.state.frozen)):,} values'
@@ -140,20 +142,25 @@ class Trainer:
     self.state = self.state.replace(frozen=base)
     self.ckpt.lora_reference = ref
 
+  def _reattach_reference(self):
+    """A resumed preference run's reference model: its starting parameters, reloaded (and checked)."""
+    self.ckpt.reference = self.ckpt.reference_of(self.resumed_from)
+    self.state = self.state.replace(reference=checkpoint_lib.load_reference(
+        self.ckpt.reference, self.run, f'{self.ckpt.directory}/{self.resumed_from}'))
+
   # -- pieces of a step ---------------------------------------------------------------------------
 
   def evaluate(self, step: int):
     if not self.eval_batches:
       return
-    result = evaluate(self.run, self.eval_step, self.state.model_params, self.eval_batches)
+    result = evaluate(self.run, self.eval_step, self.state, self.eval_batches)
     self.writer.write(step, result)
     self.last.update(result)
     self.eval_history.append({'step': step, **result})
     if self.primary:
       workdir_lib.write_json(os.path.join(self.workdir, 'eval_results.json'), self.eval_history,
                              append_to_existing=True)
-      logging.info('eval at step %d: loss %.4f | perplexity %.2f | %d tokens', step,
-                   result['eval_loss'], result['eval_perplexity'], result['eval_tokens'])
+      logging.info('eval at step %d: %s', step, metrics_lib.format_eval(result))
 
   def log(self, step: int, fetched: list[dict], seconds_per_step: float | None):
     tcfg = self.config.train

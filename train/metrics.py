@@ -31,6 +31,9 @@ def format_line(step: int, total: int, m: dict[str, float]) -> str:
   """The training log's line for one logging window."""
   parts = [f'step {step}/{total}', f"loss {m['loss']:.4f}", f"lr {m['learning_rate']:.2e}",
            f"grad_norm {m['grad_norm']:.3f}"]
+  if 'rewards/accuracies' in m:
+    parts += [f"reward accuracy {100 * m['rewards/accuracies']:.1f}%",
+              f"margin {m['rewards/margins']:.3f}"]
   if 'step_time_ms' in m:
     parts += [f"tokens/s {m['tokens_per_sec']:,.0f}", f"step {m['step_time_ms']:.1f} ms",
               f"{m['tflops_per_device']:.2f} TFLOP/s/device"]
@@ -42,6 +45,15 @@ def format_line(step: int, total: int, m: dict[str, float]) -> str:
     eta = int((total - step) * m['step_time_ms'] / 1000)
     parts.append(f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
   return ' | '.join(parts)
+
+
+def format_eval(m: dict[str, float]) -> str:
+  """The log line of one evaluation: language modeling or preference pairs."""
+  if 'eval_pairs' in m:
+    return (f"loss {m['eval_loss']:.4f} | preference accuracy {100 * m['eval_rewards/accuracies']:.1f}% "
+            f"| margin {m['eval_rewards/margins']:.3f} | {m['eval_pairs']:.0f} pairs")
+  return (f"loss {m['eval_loss']:.4f} | perplexity {m['eval_perplexity']:.2f} | "
+          f"{m['eval_tokens']:.0f} tokens")
 
 
 class JsonlLog:
