@@ -37,6 +37,8 @@ class ModelConfig:
   # Longest sequence the model is meant to see; used to validate `seq_len`, not to size any weight.
   max_seq_len: int = 4096
   qkv_bias: bool = False
+  # Qwen3: RMSNorm over each query and key head (a `head_dim` scale each) before the rotary embedding.
+  qk_norm: bool = False
   tie_embeddings: bool = False
   init_std: float = 0.02
   # Numerics: parameters are stored in `param_dtype`, matmuls run in `dtype`.
@@ -87,7 +89,11 @@ class ModelConfig:
 # compilation, attention kernel) and may differ.
 ARCHITECTURE_FIELDS = ('vocab_size', 'embed_dim', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim',
                        'mlp_dim', 'norm_eps', 'rope_theta', 'rope_scaling_factor', 'rope_low_freq_factor',
-                       'rope_high_freq_factor', 'rope_original_max_len', 'qkv_bias', 'tie_embeddings')
+                       'rope_high_freq_factor', 'rope_original_max_len', 'qkv_bias', 'qk_norm',
+                       'tie_embeddings')
+# The fields a training config sets for whichever checkpoint it trains: how to compute, not what.
+# (`max_seq_len` and `init_std` describe the model: a checkpoint's own values stay with it.)
+COMPUTE_FIELDS = ('dtype', 'param_dtype', 'scan_layers', 'remat_policy', 'attention')
 # Fields that moved out of ModelConfig (`loss_chunk_len` is now train.loss_chunk_len).
 RETIRED_FIELDS = ('loss_chunk_len',)
 
@@ -102,9 +108,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized too, wider: the matmuls of a real model at a size a laptop trains in minutes.
     'small': dict(vocab_size=8192, embed_dim=512, n_layers=6, n_heads=8, n_kv_heads=4, head_dim=64,
                   mlp_dim=1536, max_seq_len=2048, dtype='float32'),
-    # Llama 3.2 1B's shape (tied embeddings): the single-GPU benchmark model.
+    # Llama 3.2 1B and 3B: tied embeddings, Llama-3.1 rope scaling by 32. 1B is the single-GPU
+    # benchmark model.
     'llama3_2_1b': dict(vocab_size=128256, embed_dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
                         head_dim=64, mlp_dim=8192, norm_eps=1e-5, rope_theta=500000.0,
+                        rope_scaling_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                        rope_original_max_len=8192, max_seq_len=131072, tie_embeddings=True),
+    'llama3_2_3b': dict(vocab_size=128256, embed_dim=3072, n_layers=28, n_heads=24, n_kv_heads=8,
+                        head_dim=128, mlp_dim=8192, norm_eps=1e-5, rope_theta=500000.0,
                         rope_scaling_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
                         rope_original_max_len=8192, max_seq_len=131072, tie_embeddings=True),
     'llama2_7b': dict(vocab_size=32000, embed_dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
@@ -125,6 +136,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     'qwen2_7b': dict(vocab_size=152064, embed_dim=3584, n_layers=28, n_heads=28, n_kv_heads=4,
                      head_dim=128, mlp_dim=18944, norm_eps=1e-6, rope_theta=1000000.0,
                      max_seq_len=32768, qkv_bias=True),
+    # Qwen3 dense: q/k RMSNorm, no biases, 128-wide heads whatever the width (0.6B: 16 x 128 = 2048
+    # query features from a 1024-wide stream); tied embeddings up to 4B.
+    'qwen3_0_6b': dict(vocab_size=151936, embed_dim=1024, n_layers=28, n_heads=16, n_kv_heads=8,
+                       head_dim=128, mlp_dim=3072, norm_eps=1e-6, rope_theta=1000000.0,
+                       max_seq_len=40960, qk_norm=True, tie_embeddings=True),
+    'qwen3_8b': dict(vocab_size=151936, embed_dim=4096, n_layers=36, n_heads=32, n_kv_heads=8,
+                     head_dim=128, mlp_dim=12288, norm_eps=1e-6, rope_theta=1000000.0,
+                     max_seq_len=40960, qk_norm=True),
 }
 
 

@@ -10,6 +10,7 @@ scored per task.
 """
 
 import collections
+import dataclasses
 import json
 
 import tqdm
@@ -18,7 +19,7 @@ from absl import app, flags
 from data import chat
 from data.tokenizer import load_tokenizer
 from model import adapters, runtime
-from model.generate import Generator, SamplingConfig
+from model.generate import Generator, SamplingConfig, compute_dtype, define_dtype_flag
 
 
 def load_records(path: str, limit: int = 0) -> list[dict]:
@@ -71,6 +72,7 @@ def main(argv):
   runtime.no_positional_arguments(argv)
   runtime.setup(keep_freed_memory=False)
   model_config, lora, params = adapters.load_model(FLAGS.ckpt)  # LoRA checkpoints: unmerged
+  model_config = dataclasses.replace(model_config, dtype=compute_dtype(FLAGS.dtype))
   tokenizer = load_tokenizer(FLAGS.tokenizer)
   records = load_records(FLAGS.data, FLAGS.limit)
   result = exact_match(Generator(model_config, params, lora=lora), tokenizer,
@@ -85,7 +87,7 @@ def main(argv):
       print(f'  [{mark}] {question!r} -> {got!r} (expected {expected!r})')
   per_task = ', '.join(f'{k} {100 * v:.0f}%' for k, v in result['per_task'].items())
   print(f"{FLAGS.label}exact-match accuracy {100 * result['accuracy']:.1f}% on {len(records)} "
-        f"held-out questions" + (f' ({per_task})' if per_task else ''))
+        f"held-out questions, computed in {model_config.dtype}" + (f' ({per_task})' if per_task else ''))
   if FLAGS.json_out:
     with open(FLAGS.json_out, 'w', encoding='utf-8') as f:
       json.dump({k: v for k, v in result.items() if k != 'answers'}, f, indent=2)
@@ -101,6 +103,7 @@ def define_flags():
   flags.DEFINE_integer('show', 3, 'Print this many answers per task.', lower_bound=0)
   flags.DEFINE_string('label', '', 'Prefix for the printed summary line.')
   flags.DEFINE_string('json_out', '', 'Also write the scores to this JSON file.')
+  define_dtype_flag()
   runtime.dashed_aliases(['json_out'])
 
 

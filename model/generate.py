@@ -177,6 +177,19 @@ class Generator:
     return results
 
 
+def compute_dtype(name: str | None = None) -> str:
+  """`name`, or this machine's default compute dtype for running a model: float32 on CPU (the numbers
+  a float32 reference computes; a CPU has no faster bfloat16 matmuls), bfloat16 on accelerators."""
+  return name or ('float32' if jax.default_backend() == 'cpu' else 'bfloat16')
+
+
+def define_dtype_flag():
+  """--dtype, the compute dtype, for every command that runs a model (see `compute_dtype`)."""
+  flags.DEFINE_enum('dtype', None, sorted(DTYPES), 'Compute dtype of the model '
+                    '(default: float32 on CPU, bfloat16 on GPU/TPU; the checkpoint\'s own setting is '
+                    'for training).')
+
+
 FLAGS = flags.FLAGS  # defined by define_flags() when run as a program
 
 
@@ -193,6 +206,7 @@ def main(argv):
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, map(int, FLAGS.mesh.split(',')))))
   # A LoRA checkpoint runs unmerged, over the base it refers to.
   model_config, lora, params = adapters.load_model(FLAGS.ckpt, mesh, FLAGS.param_dtype or None)
+  model_config = dataclasses.replace(model_config, dtype=compute_dtype(FLAGS.dtype))
 
   template = chat.template_from_flags(tokenizer)
   if template:
@@ -214,7 +228,8 @@ def main(argv):
   n_tokens = sum(len(o) for o in outputs)
   print(f'{n_tokens} new tokens in {elapsed:.2f} s: {n_tokens / max(elapsed, 1e-9):.1f} tokens/s '
         f'(batch {len(prompts)}, prefill included; compiled in {compile_s:.1f} s, '
-        f'{"mesh " + str(dict(mesh.shape)) if mesh else jax.devices()[0].platform})')
+        f'{"mesh " + str(dict(mesh.shape)) if mesh else jax.devices()[0].platform}, compute '
+        f'{model_config.dtype}, params {model_config.param_dtype})')
 
 
 def define_flags():
@@ -232,6 +247,7 @@ def define_flags():
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
   flags.DEFINE_string('mesh', '', 'data,fsdp,tensor sizes to shard over (e.g. 1,-1,1); default: one '
                       'device.')
+  define_dtype_flag()
   flags.DEFINE_enum('param_dtype', '', ['', *DTYPES], 'Cast the parameters to this dtype when loading '
                     '(default: as the checkpoint says, e.g. float32 after training; bfloat16 halves the '
                     'memory).')

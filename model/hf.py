@@ -1,4 +1,5 @@
-"""The Hugging Face format of LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM, and ours.
+"""The Hugging Face format of LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and
+Qwen3ForCausalLM, and ours.
 
 `config.json` <-> ModelConfig; the name and layout of every parameter; reading a model folder's
 safetensors into our (scanned) layout, and our parameters out as HF tensors. Layouts: our rotary
@@ -27,7 +28,7 @@ from model.config import ARCHITECTURE_FIELDS, PRESETS, ModelConfig
 # config.json <-> ModelConfig
 
 ARCHITECTURES = {'LlamaForCausalLM': 'llama', 'MistralForCausalLM': 'mistral',
-                 'Qwen2ForCausalLM': 'qwen2'}
+                 'Qwen2ForCausalLM': 'qwen2', 'Qwen3ForCausalLM': 'qwen3'}
 ARCH_CLASSES = {v: k for k, v in ARCHITECTURES.items()}
 _TORCH_DTYPES = {'float32': 'float32', 'bfloat16': 'bfloat16', 'float16': 'float16',
                  'torch.float32': 'float32', 'torch.bfloat16': 'bfloat16', 'torch.float16': 'float16'}
@@ -83,7 +84,7 @@ def config_from_hf(hf: dict, **overrides) -> tuple[ModelConfig, str, list[str]]:
   # Sliding-window attention: our attention is full, which equals a sliding window of W exactly for
   # sequences of up to W tokens. So cap the sequence length there rather than compute something else.
   window = hf.get('sliding_window')
-  if arch == 'qwen2':
+  if arch in ('qwen2', 'qwen3'):
     layer_types = hf.get('layer_types') or []
     uses_window = hf.get('use_sliding_window', False) and (
         'sliding_attention' in layer_types if layer_types
@@ -103,7 +104,8 @@ def config_from_hf(hf: dict, **overrides) -> tuple[ModelConfig, str, list[str]]:
       n_heads=heads, n_kv_heads=hf.get('num_key_value_heads') or heads,
       head_dim=hf.get('head_dim') or hf['hidden_size'] // heads, mlp_dim=hf['intermediate_size'],
       norm_eps=float(hf.get('rms_norm_eps', 1e-6)), rope_theta=theta, **rope, max_seq_len=max_len,
-      qkv_bias=arch == 'qwen2', tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+      qkv_bias=arch == 'qwen2', qk_norm=arch == 'qwen3',
+      tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
       init_std=float(hf.get('initializer_range', 0.02)), dtype='bfloat16', param_dtype=dtype)
   values.update(overrides)
   return ModelConfig(**values), arch, notes
@@ -124,15 +126,21 @@ def matching_preset(cfg: ModelConfig) -> tuple[str | None, str]:
       f'{k} ({a} vs {b})' for k, (a, b) in best_diff.items())
 
 
+def default_arch(cfg: ModelConfig) -> str:
+  """The Hugging Face architecture that computes `cfg`: qwen3 for q/k norms, qwen2 for q/k/v biases,
+  else llama (which equals mistral for full attention)."""
+  return 'qwen3' if cfg.qk_norm else 'qwen2' if cfg.qkv_bias else 'llama'
+
+
 def config_to_hf(cfg: ModelConfig, arch: str, dtype: str, bos_id: int | None = None,
                  eos_id: int | list[int] | None = None) -> dict:
-  """config.json for `arch` (llama, mistral or qwen2) with the same function as `cfg`."""
+  """config.json for `arch` (llama, mistral, qwen2 or qwen3) with the same function as `cfg`."""
   if arch not in ARCH_CLASSES:
     raise ValueError(f'--arch must be one of {sorted(ARCH_CLASSES)}, got {arch!r}')
-  if cfg.qkv_bias != (arch == 'qwen2'):
-    raise ValueError(f'model.qkv_bias={cfg.qkv_bias}: q/k/v biases are exported only as qwen2 (and qwen2 '
-                     f'requires them), so --arch {arch} cannot represent this model'
-                     + ('; use --arch qwen2' if cfg.qkv_bias else ''))
+  if (cfg.qkv_bias, cfg.qk_norm) != (arch == 'qwen2', arch == 'qwen3'):
+    raise ValueError(f'model.qkv_bias={cfg.qkv_bias}, model.qk_norm={cfg.qk_norm}: --arch {arch} cannot '
+                     f'represent this model (q/k/v biases are qwen2\'s, q/k norms qwen3\'s, and each '
+                     f'requires its own); use --arch {default_arch(cfg)}')
   if arch == 'qwen2' and cfg.head_dim * cfg.n_heads != cfg.embed_dim:
     raise ValueError(f'qwen2 requires head_dim * n_heads == embed_dim, got {cfg.head_dim} * '
                      f'{cfg.n_heads} != {cfg.embed_dim}')
@@ -156,7 +164,10 @@ def config_to_hf(cfg: ModelConfig, arch: str, dtype: str, bos_id: int | None = N
   elif arch == 'mistral':
     hf.update(sliding_window=None)
   else:
-    del hf['head_dim']  # derived from hidden_size / num_attention_heads
+    if arch == 'qwen2':
+      del hf['head_dim']  # derived from hidden_size / num_attention_heads
+    else:
+      hf.update(attention_bias=False)
     hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
   return hf
 
@@ -208,6 +219,9 @@ def param_map(cfg: ModelConfig) -> list[_Param]:
       _Param(('layers', 'mlp', 'up_proj'), mlp + 'up_proj.weight', (f, d), (d, f), True),
       _Param(('layers', 'mlp', 'down_proj'), mlp + 'down_proj.weight', (d, f), (f, d), True),
   ]
+  if cfg.qk_norm:
+    out += [_Param(('layers', 'attn', f'{x}_norm', 'scale'), attn + f'{x}_norm.weight', (h,), (h,))
+            for x in ('q', 'k')]
   if cfg.qkv_bias:
     out += [_Param(('layers', 'attn', f'{x}_bias'), attn + f'{x}_proj.bias', (heads * h,), (heads, h))
             for x, heads in (('q', n), ('k', k), ('v', k))]

@@ -208,6 +208,9 @@ class Attention(nn.Module):
     q = _constrain(checkpoint_name(q, 'query_proj'), ('batch', 'length', 'act_heads', 'head_dim'))
     k_ = _constrain(checkpoint_name(k_, 'key_proj'), ('batch', 'length', 'act_kv_heads', 'head_dim'))
     v = _constrain(checkpoint_name(v, 'value_proj'), ('batch', 'length', 'act_kv_heads', 'head_dim'))
+    if cfg.qk_norm:  # each head normalised over head_dim, one scale shared by all heads
+      norm = functools.partial(RMSNorm, cfg.norm_eps, cfg.dtype, cfg.param_dtype)
+      q, k_ = norm(name='q_norm')(q), norm(name='k_norm')(k_)
 
     inv_freq = rope_inverse_frequencies(cfg)
     q, k_ = apply_rope(q, positions, inv_freq), apply_rope(k_, positions, inv_freq)

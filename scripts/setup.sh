@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs the given requirement files into it (default:
-# requirements.txt). Used by demo.sh and test.sh.
+# Creates a virtual environment (if missing; $VENV, default .venv, with $PYTHON, default python3) and
+# installs into it the given requirement files and package specs (default: requirements.txt). Used by
+# demo.sh and test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
+VENV=${VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
 fi
-.venv/bin/python -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q --upgrade pip
 args=()
-for f in "${@:-requirements.txt}"; do args+=(-r "$f"); done
-.venv/bin/python -m pip install -q "${args[@]}"
+for f in "${@:-requirements.txt}"; do
+  if [ -f "$f" ]; then args+=(-r "$f"); else args+=("$f"); fi
+done
+"$VENV/bin/python" -m pip install -q "${args[@]}"

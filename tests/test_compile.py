@@ -101,6 +101,25 @@ def test_config_variants():
   assert compile_lib.step_name(compile_lib.load_config('configs/llama3_8b.py')) == 'pretraining step'
 
 
+def test_compiles_the_model_of_init_from(tmp_path):
+  """train.compile takes the model from config.init_from as training does (train/checkpoint.py
+  model_config): the state compiled is that checkpoint's model's, not the config's preset's."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from model import ModelConfig, abstract_params, count_params  # pylint: disable=import-outside-toplevel
+  from model import params as params_lib  # pylint: disable=import-outside-toplevel
+  cfg = ModelConfig(vocab_size=512, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                    mlp_dim=128, max_seq_len=1024, qk_norm=True)
+  zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(cfg))
+  params_lib.save_params(str(tmp_path / 'checkpoints'), cfg, zeros)
+  config = tiny.get_config()
+  config.init_from = str(tmp_path)
+  config.train.batch_size, config.train.seq_len = 2, 128
+  report = compile_lib.compile_step(config, compile_lib.parse_topology('v5e-1'))
+  # float32 parameters and two moments, plus the step counters
+  assert report.fits and report.state == pytest.approx(3 * 4 * count_params(cfg), abs=64)
+
+
 def test_command_line():
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
   cmd = [sys.executable, '-m', 'train.compile', '--config=configs/tiny.py', '--topology=v5e-1',

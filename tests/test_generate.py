@@ -128,14 +128,15 @@ def test_cli_with_hf_tokenizer_and_chat_template(ckpt, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '>>> What does a for statement do?' in proc.stdout and '>>> Hi' in proc.stdout
   assert 'tokens/s (batch 2' in proc.stdout and "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in proc.stdout
+  assert 'compute float32, params float32' in proc.stdout  # the CPU default compute dtype
 
 
 def test_cli_with_sentencepiece_and_vocab_check(ckpt, tmp_path):
   sp = make_sp_tokenizer(tmp_path / 'tokenizer.model', vocab_size=400)
   proc = run_cli('model.generate', '--ckpt', ckpt, '--tokenizer', sp, '--prompt', 'The for statement',
-                 '--max-new-tokens', '6', '--param-dtype', 'bfloat16')
+                 '--max-new-tokens', '6', '--param-dtype', 'bfloat16', '--dtype', 'bfloat16')
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'tokens/s (batch 1' in proc.stdout
+  assert 'tokens/s (batch 1' in proc.stdout and 'compute bfloat16, params bfloat16' in proc.stdout
   big = make_hf_tokenizer(tmp_path / 'big', vocab_size=600)
   proc = run_cli('model.generate', '--ckpt', ckpt, '--tokenizer', big, '--prompt', 'x')
   assert proc.returncode != 0

@@ -32,7 +32,10 @@ def _init(cfg, seq=16):
     ('llama3_8b', 8_030_261_248),
     ('mistral_7b', 7_241_732_096),
     ('llama3_2_1b', 1_235_814_400),  # tied embeddings
+    ('llama3_2_3b', 3_212_749_824),  # tied embeddings
     ('qwen2_7b', 7_615_616_512),  # qkv biases
+    ('qwen3_8b', 8_190_735_360),  # q/k norms
+    ('qwen3_0_6b', 596_049_920),  # q/k norms, tied embeddings, 2048 query features from width 1024
 ])
 def test_published_parameter_counts(name, expected):
   assert count_params(preset(name)) == expected
@@ -107,6 +110,22 @@ def test_tied_embeddings_and_qkv_bias_change_the_parameter_tree():
   assert 'unembed' not in tied
   assert set(tied['layers']['attn']) == {'q_proj', 'k_proj', 'v_proj', 'o_proj',
                                          'q_bias', 'k_bias', 'v_bias'}
+
+
+def test_qk_norm_normalises_each_head_before_rope():
+  """Qwen3's q/k norms: one head_dim-wide scale each, shared by the heads, with head_dim apart from
+  embed_dim / n_heads. Scaling one head's query projection, or every key projection, leaves the output
+  unchanged: the norms undo it (without them the attention pattern would sharpen)."""
+  cfg = ModelConfig(**{**SMALL, 'head_dim': 24, 'qk_norm': True})
+  model, params = _init(cfg)
+  attn = params['layers']['attn']
+  assert attn['q_norm']['scale'].shape == attn['k_norm']['scale'].shape == (cfg.n_layers, 24)
+  assert attn['q_proj'].shape == (cfg.n_layers, 64, 4, 24)
+  tokens = jax.random.randint(jax.random.key(4), (2, 16), 0, 256)
+  base = model.apply({'params': params}, tokens)
+  scaled_attn = {**attn, 'q_proj': attn['q_proj'].at[:, :, 1].multiply(5.0), 'k_proj': attn['k_proj'] * 3}
+  scaled = {**params, 'layers': {**params['layers'], 'attn': scaled_attn}}
+  np.testing.assert_allclose(model.apply({'params': scaled}, tokens), base, atol=1e-4)
 
 
 def test_llama3_rope_scaling():

@@ -35,7 +35,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
                    for o in c.outputs if o.get('output_type') == 'stream')
   # Each step ran and said what it did.
   assert 'Wrote' in text and 'train and 16 held-out questions' in text
-  assert 'pieces, bos=1 eos=2' in text
+  assert 'tokens, bos=1 eos=2' in text
   assert 'step 30/30' in text and 'step 20/20' in text
   assert 'Before instruction tuning: exact-match accuracy' in text
   assert 'After instruction tuning: exact-match accuracy' in text

@@ -9,10 +9,12 @@ import os
 
 import jax
 import numpy as np
-import peft
 import pytest
-import torch
-import transformers
+
+torch = pytest.importorskip('torch', reason='torch is not installed (the newest-releases set on Python '
+                            '3.12 has only CUDA builds of torch on PyPI)')
+transformers = pytest.importorskip('transformers', reason='transformers is not installed')
+peft = pytest.importorskip('peft', reason='peft is not installed')
 
 from configs import tiny
 from data.synthetic import SyntheticData

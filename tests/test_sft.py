@@ -1,5 +1,6 @@
 """Instruction tuning: input checks, loss masking, packing isolation, init_from, exact resume."""
 
+import dataclasses
 import json
 import os
 
@@ -209,3 +210,27 @@ def test_init_from_a_different_model_is_an_error(demo_data, sft_files, pretraine
   other.model.mlp_dim = 256
   with pytest.raises(validate.ConfigError, match=r'model.mlp_dim: checkpoint 128, config 256'):
     checkpoint.params_from(pretrained)(run_lib.Run(other))
+
+
+def test_the_model_comes_from_init_from_unless_the_config_sets_its_shape(pretrained):
+  """A fine-tuning config that leaves its preset's architecture as it is (sft_tiny: 'tiny') trains the
+  init_from checkpoint's model (here SMALL_MODEL), computed as the config says; model.preset=init_from
+  does so whatever the config's architecture fields hold."""
+  saved = params_lib.load_model_config(pretrained)
+  assert saved.embed_dim != ModelConfig.from_dict(sft_tiny.get_config().model).embed_dim  # a real test
+  c = sft_tiny.get_config()
+  c.init_from = pretrained
+  c.model.update(dict(remat_policy='full', dtype='bfloat16', attention='xla'))
+  run = run_lib.Run(c)
+  assert run.model_config == dataclasses.replace(saved, remat_policy='full', dtype='bfloat16',
+                                                 attention='xla', scan_layers=False)
+  params = checkpoint.params_from(pretrained)(run).params
+  assert params['token_embed'].shape == (saved.vocab_size, saved.embed_dim)
+  c.model.n_layers = 3  # set on purpose: checked against the checkpoint, as before
+  with pytest.raises(validate.ConfigError, match='model.n_layers: checkpoint 2, config 3'):
+    checkpoint.params_from(pretrained)(run_lib.Run(c))
+  c.model.preset = 'init_from'
+  assert run_lib.Run(c).model_config.n_layers == 2
+  c.init_from = ''
+  with pytest.raises(validate.ConfigError, match="model.preset='init_from' .* config.init_from, which is empty"):
+    run_lib.Run(c)

@@ -5,8 +5,9 @@ A step folder (model/params.py defines it) holds `state/` (step, params, optimiz
 writes a step to a temporary folder and renames it only when every host has finished, so an
 interrupted save never looks like a checkpoint. A LoRA run saves its adapters and their optimizer
 state, never the frozen base: its `lora/` item refers to the base's own checkpoint (model/adapters.py),
-from which a resumed run reloads it. Also: the starting parameters of a fine-tuning run
-(`config.init_from`), checked against the config.
+from which a resumed run reloads it. Also: the starting point of a fine-tuning run
+(`config.init_from`): the model it defines (`model_config`) and its parameters, checked against the
+config (`params_from`).
 """
 
 import dataclasses
@@ -20,8 +21,9 @@ from etils import epath
 
 from model import ModelConfig, abstract_params
 from model import adapters as adapters_lib
+from model import hf
 from model import params as params_lib
-from model.config import ARCHITECTURE_FIELDS
+from model.config import ARCHITECTURE_FIELDS, COMPUTE_FIELDS, PRESETS
 from model.lora import LoraConfig
 from train import validate
 
@@ -152,6 +154,35 @@ def remove_incomplete(directory: epath.Path) -> list[str]:
     for name in names:
       (directory / name).rmtree()
   return names
+
+
+# `model.preset` value saying that the model is config.init_from's, whatever config.model's other
+# architecture fields say.
+FROM_INIT = 'init_from'
+
+
+def model_config(config: Any) -> ModelConfig:
+  """The ModelConfig a run trains: `config.model`, or, when `config.init_from` is set and either
+  `model.preset` is 'init_from' or config.model's architecture fields are those of the preset it
+  names (none was changed), the init_from checkpoint's model (architecture and max_seq_len) computed
+  as config.model says (its COMPUTE_FIELDS: dtypes, compilation, remat, attention). So that a
+  fine-tuning config serves any imported model; architecture fields set on purpose are checked
+  against the checkpoint by `params_from`."""
+  model = config.model
+  own = ModelConfig.from_dict(model)
+  preset = model.get('preset')
+  if preset == FROM_INIT and not config.get('init_from'):
+    raise validate.ConfigError(f"model.preset={FROM_INIT!r} takes the model from config.init_from, "
+                               'which is empty; set --config.init_from=CHECKPOINT')
+  given = preset != FROM_INIT and (preset not in PRESETS or any(
+      getattr(own, f) != getattr(ModelConfig(**PRESETS[preset]), f) for f in ARCHITECTURE_FIELDS))
+  if not config.get('init_from') or given:
+    return own
+  saved = params_lib.load_model_config(config.init_from)
+  name, diff = hf.matching_preset(saved)
+  logging.info('Model from config.init_from=%s (%s), computed in %s with %s parameters',
+               config.init_from, f'preset {name!r}' if name else diff, own.dtype, own.param_dtype)
+  return dataclasses.replace(saved, **{f: getattr(own, f) for f in COMPUTE_FIELDS})
 
 
 @dataclasses.dataclass

@@ -218,6 +218,7 @@ class Trainer:
                             'a row)', step, float(jax.device_get(step_metrics['loss'])), consecutive_skips)
             if consecutive_skips > tcfg.max_consecutive_skips:
               self.ckpt.wait()
+              self.writer.close()  # metrics.jsonl and the TensorBoard events, flushed and closed
               raise TrainingDiverged(
                   f'{consecutive_skips} consecutive steps (up to step {step}) had a non-finite loss or '
                   f'gradient (train.max_consecutive_skips = {tcfg.max_consecutive_skips}). The last '

@@ -110,7 +110,11 @@ class MetricWriter:
     self._jsonl = JsonlLog(os.path.join(workdir, 'metrics.jsonl'))
     self._tb = _tensorboard_writer(os.path.join(workdir, 'tensorboard'))
     if wandb_project:
-      self._wandb = _start_wandb(workdir, wandb_project, wandb_entity, run_config)
+      try:
+        self._wandb = _start_wandb(workdir, wandb_project, wandb_entity, run_config)
+      except BaseException:
+        self.close()  # else metrics.jsonl stays open and, on Python 3.12, tensorboardX's exit hook fails
+        raise
 
   def write(self, step: int, scalars: dict[str, float]):
     if not self.enabled:

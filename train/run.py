@@ -13,9 +13,10 @@ import jax
 from jax.sharding import Mesh
 
 from data.batch import batch_keys
-from model import ModelConfig, Transformer
+from model import Transformer
 from model import sharding
 from train import batches
+from train import checkpoint
 from train import optimizer as optimizer_lib
 from train import state as state_lib
 from train import step as step_lib
@@ -30,8 +31,9 @@ class Run:
     devices = list(devices if devices is not None else jax.devices())
     self.config = config
     self.lora = validate.lora_config(config)
-    # With LoRA, the frozen base is held in lora.base_dtype (model/lora.py).
-    self.model_config = self.lora.base_config(ModelConfig.from_dict(config.model))
+    # config.model, or init_from's model; with LoRA, the frozen base is held in lora.base_dtype
+    # (model/lora.py).
+    self.model_config = self.lora.base_config(checkpoint.model_config(config))
     validate.check(config, self.model_config, len(devices), tokenizer_vocab, self.lora)
     self.mesh: Mesh = sharding.make_mesh(config.mesh, devices)
     self.model = Transformer(self.model_config, lora=self.lora)
