@@ -1,0 +1,27 @@
+"""Preference-tunes the demo's instruction-tuned tiny model (configs/sft_tiny.py) with DPO on preference
+pairs of the demo's checked-answer task: the correct answer chosen, a wrong one rejected
+(`python -m data.demo_corpus --preference_out demo/dpo_data`).
+
+  python -m train.dpo --config=configs/dpo_tiny.py --workdir=demo/dpo --config.init_from=demo/sft
+"""
+
+from configs import sft_tiny
+
+
+def get_config():
+  c = sft_tiny.get_config()
+  c.init_from = 'demo/sft'
+  c.train.objective = 'dpo'
+  c.train.steps = 150
+  c.train.eval_every = 50
+  c.train.log_every = 25
+  # Two sequences of a pair (prompt and answer each, ~40 tokens) share a row: 128 holds a few pairs.
+  c.train.seq_len = 128
+  c.optimizer.lr = 2e-4
+  c.optimizer.warmup_steps = 10
+  c.checkpoint.every_steps = 50
+  c.dpo.update(dict(loss='sigmoid', beta=0.1, reference='precompute'))
+  c.data.format = 'preference'
+  c.data.train_files = 'demo/dpo_data/train.jsonl'
+  c.data.eval_files = 'demo/dpo_data/eval.jsonl'
+  return c
