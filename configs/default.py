@@ -63,11 +63,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Preference tuning (train.dpo, train.objective='dpo'; train/step.py `Preference`): the loss
   # (sigmoid: DPO, with label_smoothing conservative DPO; robust; ipo; simpo: reference-free, with
-  # simpo_gamma), beta, and where the frozen reference model's log-probabilities come from:
+  # simpo_gamma), beta, sft_weight (> 0: plus that times the chosen answers' mean negative
+  # log-likelihood, RPO), and where the frozen reference model's log-probabilities come from:
   # 'precompute' (one pass over the data before training, kept in the workdir) or 'step' (computed in
   # every step; the full-model case holds a second copy of the weights). docs/benchmarks.md compares them.
   c.dpo = ml_collections.ConfigDict(dict(loss='sigmoid', beta=0.1, label_smoothing=0.0, simpo_gamma=0.5,
-                                         reference='precompute'))
+                                         sft_weight=0.0, reference='precompute'))
 
   # Metrics always go to <workdir>/metrics.jsonl and TensorBoard; set a project to also use W&B.
   c.logging = ml_collections.ConfigDict(dict(wandb_project='', wandb_entity=''))

@@ -54,7 +54,7 @@ class Run:
       reference = (Transformer(self.model_config, lora=self.lora, use_adapters=False)
                    if self.lora.enabled else self.model)
     return step_lib.Preference(self.model, dpo.loss, dpo.beta, dpo.label_smoothing, dpo.simpo_gamma,
-                               reference, tcfg.loss_chunk_len)
+                               dpo.sft_weight, reference, tcfg.loss_chunk_len)
 
   @property
   def preference(self) -> bool:

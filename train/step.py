@@ -168,6 +168,8 @@ class LanguageModeling:
 #   ipo      IPO (Azar et al. 2023), length-normalised as TRL: ((c - c')/n_c - (r - r')/n_r - 1/(2 beta))^2
 #   simpo    SimPO (Meng et al. 2024), no reference model: z = beta (c/n_c - r/n_r) - gamma,
 #            -(1 - e) log sigmoid(z) - e log sigmoid(-z)
+# plus, with sft_weight w > 0, w x the chosen completion's mean negative log-likelihood -c/n_c (RPO,
+# Pang et al. 2024: it keeps DPO from lowering the chosen answers' likelihood along with the rejected).
 PREFERENCE_LOSSES = ('sigmoid', 'robust', 'ipo', 'simpo')
 REFERENCE_FREE = ('simpo',)
 # TRL's names for the per-pair metrics (rewards: beta x the log-ratio to the reference; SimPO: beta x
@@ -187,6 +189,7 @@ class Preference:
   beta: float = 0.1
   label_smoothing: float = 0.0
   simpo_gamma: float = 0.5
+  sft_weight: float = 0.0
   reference_model: Transformer | None = None
   loss_chunk_len: int = 0
   sum_keys = ('loss', 'weight', 'tokens') + PAIR_METRICS
@@ -207,10 +210,11 @@ class Preference:
     beta, e = self.beta, self.label_smoothing
     c, r = logps[..., 0], logps[..., 1]
     n_c, n_r = jnp.maximum(counts[..., 0], 1.0), jnp.maximum(counts[..., 1], 1.0)
+    nll = -self.sft_weight * c / n_c if self.sft_weight else 0.0
     smoothed = lambda z: -(1 - e) * jax.nn.log_sigmoid(z) - e * jax.nn.log_sigmoid(-z)
     if self.loss == 'simpo':
       c, r = c / n_c, r / n_r
-      return smoothed(beta * (c - r - self.simpo_gamma / beta)), beta * c, beta * r, c, r
+      return smoothed(beta * (c - r - self.simpo_gamma / beta)) + nll, beta * c, beta * r, c, r
     chosen_ratio, rejected_ratio = c - ref_logps[..., 0], r - ref_logps[..., 1]
     d = chosen_ratio - rejected_ratio
     if self.loss == 'sigmoid':
@@ -221,7 +225,7 @@ class Preference:
       losses = (chosen_ratio / n_c - rejected_ratio / n_r - 1 / (2 * beta)) ** 2
     else:
       raise ValueError(f'dpo.loss must be one of {PREFERENCE_LOSSES}, got {self.loss!r}')
-    return losses, beta * chosen_ratio, beta * rejected_ratio, c, r
+    return losses + nll, beta * chosen_ratio, beta * rejected_ratio, c, r
 
   def sums(self, params, batch, rngs=None, reference=None) -> dict[str, jax.Array]:
     logps, counts = pair_logps(self.model, params, batch, self.loss_chunk_len, rngs)

@@ -40,6 +40,8 @@ def _preference_problems(config: Any) -> list[str]:
     errors.append(f'dpo.beta must be positive, got {dpo.beta}')
   if not 0 <= dpo.label_smoothing < 0.5:
     errors.append(f'dpo.label_smoothing must be in [0, 0.5), got {dpo.label_smoothing}')
+  if dpo.sft_weight < 0:
+    errors.append(f'dpo.sft_weight must be >= 0, got {dpo.sft_weight}')
   if dpo.reference not in DPO_REFERENCES:
     errors.append(f'dpo.reference must be one of {DPO_REFERENCES}, got {dpo.reference!r}')
   if config.train.z_loss:
