@@ -150,6 +150,12 @@ def test_log_probabilities_and_losses_equal_trls(setup, trl_side):
     np.testing.assert_allclose(float(sums['loss'] / sums['weight']), trl_side['losses'][loss], atol=1e-4,
                                err_msg=loss)
 
+  # With sft_weight (RPO), plus the chosen answers' mean negative log-likelihood per pair.
+  counts = np.array([[m[:n].sum(), m[n:].sum()] for _, m, n in data.train_pairs], np.float32)
+  sums = jax.jit(step.Preference(run.model, sft_weight=0.5).sums)(params, batch)
+  expected = trl_side['losses']['sigmoid'] + 0.5 * np.mean(-trl_side['policy'][:, 0] / counts[:, 0])
+  np.testing.assert_allclose(float(sums['loss'] / sums['weight']), expected, atol=1e-4)
+
   # SimPO: TRL's CPO loss of the same average log-probabilities (no reference).
   from trl.experimental.cpo import CPOConfig, CPOTrainer  # pylint: disable=import-outside-toplevel
   tokenizer = transformers.AutoTokenizer.from_pretrained(setup['tok'])
@@ -160,7 +166,6 @@ def test_log_probabilities_and_losses_equal_trls(setup, trl_side):
                                   report_to='none', max_length=64),
                    train_dataset=datasets.Dataset.from_list(
                        [{'prompt': 'a', 'chosen': ' b', 'rejected': ' c'}]))
-  counts = np.array([[m[:n].sum(), m[n:].sum()] for _, m, n in data.train_pairs], np.float32)
   average = torch.tensor(trl_side['policy'] / counts)
   expected = cpo.cpo_loss(average[:, 0], average[:, 1])[0].mean().item()
   objective = step.Preference(run.model, 'simpo', beta=2.0, simpo_gamma=1.0, label_smoothing=0.1)
