@@ -32,11 +32,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from data import chat, mixture, packing, sources
+from data import chat, mixture, packing
 from data.batch import pad_batch
 from data.config import OVERLONG_POLICIES, PREFERENCE_FORMATS
 from data.records import BadRecord, Counters
-from data.sft import in_held_out_share, read_records
+from data.sft import in_held_out_share, parsed_records
 from data.tokenizer import load_tokenizer
 
 SIDES = ('chosen', 'rejected')
@@ -152,39 +152,33 @@ class PreferenceData:
     return h.hexdigest()
 
   def _load(self, cfg: Any, patterns: str, split: str):
+    """(pairs, held-out pairs) of one source; the split by `eval_fraction` only applies without
+    eval_files."""
     pairs, held_out = [], []
-    for path in sources.resolve_files(patterns):
-      for where, record in read_records(path, cfg, self.counts):
-        error, pair = (record, None) if isinstance(record, BadRecord) else (None, None)
-        if error is None:
-          try:
-            prompt, chosen, rejected = to_pair(record, cfg.fields)
-            sides = [self.template.completion_example(prompt, side) for side in (chosen, rejected)]
-            for name, side in zip(SIDES, sides):
-              if not any(side.mask):
-                raise BadRecord(f'chat template {self.template.name} trains no token of {name}')
-              if side.mask[0]:
-                raise BadRecord(f'chat template {self.template.name} renders {name} with nothing before '
-                                'its first trained token')
-            if sides[0].ids == sides[1].ids:
-              raise BadRecord('chosen and rejected are identical once rendered (chat template '
-                              f'{self.template.name})')
-            pair = self._fit(sides, split, cfg)
-          except (BadRecord, chat.ChatFormatError) as e:
-            error = BadRecord(f'{where}: {e}')
-        if error is not None:
-          if not cfg.skip_bad_records:
-            raise error
-          self.counts.add(f'{split}_skipped_bad_records')
-          logging.warning('Skipping %s', error)
-          continue
-        if pair is None:
-          continue
-        if split == 'train' and not cfg.eval_files and in_held_out_share(where, cfg.eval_fraction):
-          held_out.append(pair)
-        else:
-          pairs.append(pair)
+    for where, pair in parsed_records(patterns, cfg, self.counts, split,
+                                      lambda record: self._fit(self._render(record, cfg), split, cfg)):
+      if pair is None:
+        continue
+      if split == 'train' and not cfg.eval_files and in_held_out_share(where, cfg.eval_fraction):
+        held_out.append(pair)
+      else:
+        pairs.append(pair)
     return pairs, held_out
+
+  def _render(self, record: Any, cfg: Any) -> list[chat.Example]:
+    """A record's two sides, each rendered as prompt + completion, trained on the completion only."""
+    prompt, chosen, rejected = to_pair(record, cfg.fields)
+    sides = [self.template.completion_example(prompt, side) for side in (chosen, rejected)]
+    for name, side in zip(SIDES, sides):
+      if not any(side.mask):
+        raise BadRecord(f'chat template {self.template.name} trains no token of {name}')
+      if side.mask[0]:
+        raise BadRecord(f'chat template {self.template.name} renders {name} with nothing before '
+                        'its first trained token')
+    if sides[0].ids == sides[1].ids:
+      raise BadRecord(f'chosen and rejected are identical once rendered (chat template '
+                      f'{self.template.name})')
+    return sides
 
   def _fit(self, sides: Sequence[chat.Example], split: str, cfg: Any):
     """(ids, mask, chosen length) of the pair as it goes into a row, or None if it is dropped."""

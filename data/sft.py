@@ -12,7 +12,7 @@ skipped and counted instead. Several instruction sets with weights: data/mixture
 """
 
 import hashlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -55,7 +55,7 @@ def _parquet_records(path: str, fmt: str, fields: Any) -> Iterator[tuple[str, An
         yield f'{where}, row {i}', row
 
 
-def read_records(path: str, cfg: Any, counters: records.Counters) -> Iterator[tuple[str, Any]]:
+def _records(path: str, cfg: Any, counters: records.Counters) -> Iterator[tuple[str, Any]]:
   """(location, parsed record or the BadRecord it is) for each record of a .json array, JSONL or
   .parquet file."""
   if path.endswith('.parquet'):
@@ -176,31 +176,19 @@ class SFTData:
     """(examples, held-out examples) of one source; the split by `eval_fraction` only applies without
     eval_files."""
     examples, held_out = [], []
-    for path in sources.resolve_files(patterns):
-      for where, record in read_records(path, cfg, self.counts):
-        error = record if isinstance(record, BadRecord) else None  # already names its place
-        if error is None:
-          try:
-            rendered = self.template.examples(to_messages(record, cfg.format, cfg.fields))
-          except (BadRecord, chat.ChatFormatError) as e:
-            error = BadRecord(f'{where}: {e}')
-        if error is not None:
-          if not cfg.skip_bad_records:
-            raise error
-          self.counts.add(f'{split}_skipped_bad_records')
-          logging.warning('Skipping %s', error)
+    render = lambda record: self.template.examples(to_messages(record, cfg.format, cfg.fields))
+    for where, rendered in parsed_records(patterns, cfg, self.counts, split, render):
+      for rendered_example in rendered:
+        if not any(rendered_example.mask):  # nothing to learn: no assistant message
+          self.counts.add(f'{split}_empty_mask')
           continue
-        for rendered_example in rendered:
-          if not any(rendered_example.mask):  # nothing to learn: no assistant message
-            self.counts.add(f'{split}_empty_mask')
-            continue
-          example = self._fit(rendered_example.ids, rendered_example.mask, split, cfg.overlong)
-          if example is None:
-            continue
-          if split == 'train' and not cfg.eval_files and in_held_out_share(where, cfg.eval_fraction):
-            held_out.append(example)
-          else:
-            examples.append(example)
+        example = self._fit(rendered_example.ids, rendered_example.mask, split, cfg.overlong)
+        if example is None:
+          continue
+        if split == 'train' and not cfg.eval_files and in_held_out_share(where, cfg.eval_fraction):
+          held_out.append(example)
+        else:
+          examples.append(example)
     return examples, held_out
 
   def _fit(self, ids, mask, split, overlong):
@@ -257,6 +245,28 @@ class SFTData:
     if max_batches:
       ds = ds.take(max_batches)
     return [pad_batch(b, batch_size) for b in mixture.Iterator(ds)]
+
+
+def parsed_records(patterns: str, cfg: Any, counts: records.Counters, split: str,
+                   parse: Callable[[Any], Any]) -> Iterator[tuple[str, Any]]:
+  """(location, parse(record)) for each record of the files `patterns` names. A bad record (unreadable,
+  or one `parse` rejects with BadRecord or ChatFormatError) raises, naming its file and line, or with
+  `cfg.skip_bad_records` is skipped and counted."""
+  for path in sources.resolve_files(patterns):
+    for where, record in _records(path, cfg, counts):
+      error = record if isinstance(record, BadRecord) else None  # already names its place
+      if error is None:
+        try:
+          parsed = parse(record)
+        except (BadRecord, chat.ChatFormatError) as e:
+          error = BadRecord(f'{where}: {e}')
+      if error is not None:
+        if not cfg.skip_bad_records:
+          raise error
+        counts.add(f'{split}_skipped_bad_records')
+        logging.warning('Skipping %s', error)
+        continue
+      yield where, parsed
 
 
 def in_held_out_share(where: str, fraction: float) -> bool:
