@@ -24,6 +24,7 @@ from data import chat
 from data.preference import PreferenceData
 from model import convert
 from model import params as params_lib
+from tests.hf_models import random_llama
 from tests.tokenizers_for_tests import make_hf_tokenizer
 from train import dpo, step
 
@@ -38,17 +39,6 @@ LOSSES = {'sigmoid': dict(beta=0.1), 'robust': dict(beta=0.5, label_smoothing=0.
 LR = 1e-3
 
 
-def _tiny_llama(seed, folder):
-  torch.manual_seed(seed)
-  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5))
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      p.copy_(1 + 0.1 * torch.randn_like(p) if 'norm' in name else 0.1 * torch.randn_like(p))
-  model.save_pretrained(folder)
-
-
 def _hf(folder):
   return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 
@@ -61,7 +51,7 @@ def setup(tmp_path_factory):
   tok = make_hf_tokenizer(root / 'tok', VOCAB, 'llama3')
   shutil.copy(os.path.join(chat.TEMPLATE_DIR, 'llama3.jinja'), root / 'tok' / 'chat_template.jinja')
   for name, seed in (('policy', 0), ('reference', 1)):
-    _tiny_llama(seed, root / name)
+    random_llama(VOCAB, seed).save_pretrained(root / name)
     convert.import_hf(str(root / name), str(root / f'{name}_ckpt'), 'float32', log=None)
   records = [{'prompt': [{'role': 'user', 'content': p}], 'chosen': [{'role': 'assistant', 'content': c}],
               'rejected': [{'role': 'assistant', 'content': r}]} for p, c, r in PAIRS]

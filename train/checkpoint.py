@@ -200,10 +200,8 @@ def load_reference(item: dict, run, where: str):
   """The starting parameters a preference run's REFERENCE `item` names, checked against its
   fingerprint."""
   params = params_lib.load_params(item['path'], run.abstract_state().params)
-  found = adapters_lib.fingerprint(params)
-  if found != item['fingerprint']:
-    differ = sorted(k for k in set(found) | set(item['fingerprint'])
-                    if found.get(k) != item['fingerprint'].get(k))
+  differ = adapters_lib.differing(adapters_lib.fingerprint(params), item['fingerprint'])
+  if differ:
     raise validate.ConfigError(
         f'{where}: its reference model is the checkpoint at {item["path"]}, which now holds different '
         f'weights ({len(differ)} parameter(s) differ, e.g. {differ[:3]}); the preference loss would '
