@@ -149,6 +149,8 @@ def test_dpo_resumes_exactly(files, start, tmp_path, monkeypatch, reference):
   def train(workdir, steps):
     c = _config(files)
     c.train.steps, c.init_from, c.dpo.reference = steps, start, reference
+    if reference == 'step':  # held-out pairs once, with the precomputed table (one compile less per run)
+      c.data.eval_files = ''
     return dpo.train(c, workdir)
 
   straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
@@ -161,13 +163,15 @@ def test_dpo_resumes_exactly(files, start, tmp_path, monkeypatch, reference):
   assert sorted(a) == sorted(b) == [1, 2, 3, 4]
   assert [b[s] for s in a] == [a[s] for s in a]
   assert {k: resumed[k] for k in ('loss', *step.PAIR_METRICS)} == {k: last[k] for k in ('loss', *step.PAIR_METRICS)}
+  for key in step.PAIR_METRICS:
+    assert np.isfinite(last[key]), key
+  if reference == 'step':
+    return
   # Training moved the policy away from its reference: the held-out pairs are told apart.
   with open(os.path.join(straight, 'eval_results.json')) as f:
     evals = json.load(f)
   assert [e['step'] for e in evals] == [2, 4] and evals[-1]['eval_pairs'] == 8
   assert evals[-1]['eval_rewards/accuracies'] > 0.5 and evals[-1]['eval_loss'] < np.log(2)
-  for key in step.PAIR_METRICS:
-    assert np.isfinite(last[key]), key
 
 
 def test_the_two_references_give_the_same_step(files, start):
