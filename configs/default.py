@@ -40,6 +40,12 @@ def get_config() -> ml_collections.ConfigDict:
       # 'lm': next-token cross-entropy on the targets with loss weight (pretraining, instruction
       # tuning); 'dpo': a preference loss over pairs (train.dpo; the `dpo` section below).
       objective='lm',
+      # Stop when an evaluated value stops improving, and keep its best checkpoint (train/evaluation.py):
+      # metric '' (off), eval_loss, eval_perplexity or eval_<task metric of eval.generation>; mode
+      # '' (min for loss and perplexity, max for task metrics), min or max; patience: evaluations
+      # without a new best before stopping (0: never stop, only keep the best); min_delta: how much
+      # better a new best must be.
+      early_stopping=ml_collections.ConfigDict(dict(metric='', mode='', patience=3, min_delta=0.0)),
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -49,6 +55,13 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
+
+  # Task metrics of generated answers during instruction tuning (train/evaluation.py): greedy answers
+  # to the first num_prompts held-out conversations, every every_steps steps (0: with each held-out
+  # loss evaluation), scored by `metrics` (comma-separated: exact_match, f1, rouge1, rouge2, rougeL,
+  # bleu, chrf; '' for none).
+  c.eval = ml_collections.ConfigDict(dict(generation=ml_collections.ConfigDict(dict(
+      metrics='', num_prompts=100, every_steps=0, max_new_tokens=32, batch_size=32))))
 
   # The input pipelines' settings (formats, files, tokenizer, chat template, packing, bad input).
   c.data = data_config.get_config()

@@ -1,12 +1,7 @@
 """The instruction-tuning input pipeline: records -> chat template -> (tokens, loss mask) -> rows.
 
-Formats (local or gs://), with configurable field names:
-  alpaca  {"instruction", "input" (optional), "output"}, as JSONL or one JSON array
-  chat    {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]} per line
-  prompt_completion  {"prompt", "completion"} per line
-Files named *.parquet are read as Parquet, one row group at a time, the format's fields being columns
-(`messages` a list of {role, content} structs, as `datasets` writes them).
-Every record is checked and rendered once, up front (instruction sets fit in host memory); problems
+Formats: alpaca, chat and prompt/completion records in JSON, JSONL or Parquet files, local or gs://
+(data/instructions.py reads them). Every record is checked and rendered once, up front (instruction sets fit in host memory); problems
 name the file and line (Parquet: file, row group and row). With `skip_bad_records`, bad records are
 skipped and counted instead. Several instruction sets with weights: data/mixture.py.
 """
@@ -17,108 +12,14 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import tensorflow as tf
 from absl import logging
-from etils import epath
 
-from data import chat, mixture, packing, records, sources
+from data import chat, mixture, packing, records
 from data.batch import pad_batch
 from data.config import OVERLONG_POLICIES, SFT_FORMATS
+from data.files import resolve_files
+from data.instructions import read_records, to_messages
 from data.records import BadRecord
 from data.tokenizer import load_tokenizer
-
-# The fields (keys of config.data.fields) that each format reads (preference pairs: data/preference.py),
-# and those that may be missing.
-FORMAT_FIELDS = {'alpaca': ('instruction', 'input', 'output'), 'chat': ('messages',),
-                 'prompt_completion': ('prompt', 'completion'),
-                 'preference': ('prompt', 'chosen', 'rejected')}
-OPTIONAL_FIELDS = {'alpaca': ('input',), 'preference': ('prompt',)}
-
-
-def _parquet_records(path: str, fmt: str, fields: Any) -> Iterator[tuple[str, Any]]:
-  """(location, row as a dict, or the BadRecord it is) for each row of a Parquet file."""
-  import pyarrow as pa  # pylint: disable=import-outside-toplevel
-  with sources.open_parquet(path) as parquet:
-    names = parquet.schema_arrow.names
-    missing = [f for f in FORMAT_FIELDS[fmt]
-               if fields[f] not in names and f not in OPTIONAL_FIELDS.get(fmt, ())]
-    if missing:
-      raise BadRecord(f'{path}: no column {fields[missing[0]]!r} (config.data.fields.{missing[0]}); '
-                      f'columns: {names}')
-    columns = [fields[f] for f in FORMAT_FIELDS[fmt] if fields[f] in names]
-    for group in range(parquet.metadata.num_row_groups):
-      where = f'{path}, row group {group}'
-      try:
-        rows = parquet.read_row_group(group, columns=columns).to_pylist()
-      except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
-        yield where, BadRecord(f'{where}: cannot be read ({sources.one_line(e)})')
-        continue
-      for i, row in enumerate(rows):
-        yield f'{where}, row {i}', row
-
-
-def _records(path: str, cfg: Any, counters: records.Counters) -> Iterator[tuple[str, Any]]:
-  """(location, parsed record or the BadRecord it is) for each record of a .json array, JSONL or
-  .parquet file."""
-  if path.endswith('.parquet'):
-    yield from _parquet_records(path, cfg.format, cfg.fields)
-    return
-  utf8, max_record_bytes = cfg.invalid_utf8, cfg.max_record_bytes
-  with epath.Path(path).open('rb') as f:
-    if path.endswith('.json') and f.read(4096).lstrip().startswith(b'['):
-      f.seek(0)
-      try:
-        items = records.parse_json(records.decode(f.read(), path, 0, utf8=utf8, counters=counters), path)
-      except records.BadRecord as e:
-        yield path, e
-        return
-      for i, item in enumerate(items):
-        yield f'{path}[record {i}]', item
-      return
-    f.seek(0)
-    for where, raw, offset in records.lines(f, path):
-      try:
-        text = records.decode(raw, where, offset, utf8=utf8, max_record_bytes=max_record_bytes,
-                              counters=counters)
-        if text.strip():
-          yield where, records.parse_json(text, where)
-      except records.BadRecord as e:
-        yield where, e
-
-
-def to_messages(record: Any, fmt: str, fields: Any) -> list[dict[str, str]]:
-  """One record of format `fmt` -> a conversation (list of {role, content})."""
-  if not isinstance(record, dict):
-    raise BadRecord(f'expected a JSON object, got {type(record).__name__}')
-
-  def field(name, required=True):
-    key = fields[name]
-    if key not in record:
-      if required:
-        raise BadRecord(f'missing field {key!r} (config.data.fields.{name}); '
-                           f'record has {sorted(record)}')
-      return ''
-    if not isinstance(record[key], (str, list)):
-      raise BadRecord(f'field {key!r} must be a string, got {type(record[key]).__name__}')
-    return record[key]
-
-  if fmt == 'alpaca':
-    instruction, extra = field('instruction'), field('input', required=False)
-    user = f'{instruction}\n\n{extra}' if isinstance(extra, str) and extra.strip() else instruction
-    return [{'role': 'user', 'content': user}, {'role': 'assistant', 'content': field('output')}]
-  if fmt == 'prompt_completion':
-    return [{'role': 'user', 'content': field('prompt')},
-            {'role': 'assistant', 'content': field('completion')}]
-  if fmt == 'chat':
-    messages = field('messages')
-    if not isinstance(messages, list):
-      raise BadRecord(f'field {fields["messages"]!r} must be a list of messages')
-    out = []
-    for i, m in enumerate(messages):
-      if not isinstance(m, dict) or fields['role'] not in m or fields['content'] not in m:
-        raise BadRecord(f'message {i} must be an object with {fields["role"]!r} and '
-                           f'{fields["content"]!r}')
-      out.append({'role': m[fields['role']], 'content': m[fields['content']]})
-    return out
-  raise ValueError(f'config.data.format must be one of {SFT_FORMATS}, got {fmt!r}')
 
 
 class SFTData:
@@ -133,6 +34,8 @@ class SFTData:
     self.sources = mixture.sources(data_config)
     self._train_iterator = None
     self.train_sets, self.eval_sets = [], []  # per source: examples (ids, mask)
+    # The held-out records as (where, messages), for evaluations that generate (train/evaluation.py).
+    self.eval_conversations = []
     for source in self.sources:
       cfg = source.config
       if cfg.format not in SFT_FORMATS:
@@ -143,9 +46,10 @@ class SFTData:
         raise ValueError(f'config.data.overlong must be one of {OVERLONG_POLICIES}, got '
                          f'{cfg.overlong!r}')
       empty_before = self.counts.snapshot().get('train_empty_mask', 0)
-      train, held_out = self._load(cfg, cfg.train_files, 'train')
+      train, held_out, conversations = self._load(cfg, cfg.train_files, 'train')
       if cfg.eval_files:
-        held_out = self._load(cfg, cfg.eval_files, 'eval')[0]
+        held_out, _, conversations = self._load(cfg, cfg.eval_files, 'eval')
+      self.eval_conversations += conversations
       self.train_sets.append(train)
       self.eval_sets.append(held_out)
       if source.name:
@@ -173,11 +77,19 @@ class SFTData:
     return {**self.counts.snapshot(), **tokens}
 
   def _load(self, cfg: Any, patterns: str, split: str):
-    """(examples, held-out examples) of one source; the split by `eval_fraction` only applies without
-    eval_files."""
-    examples, held_out = [], []
-    render = lambda record: self.template.examples(to_messages(record, cfg.format, cfg.fields))
-    for where, rendered in parsed_records(patterns, cfg, self.counts, split, render):
+    """(examples, held-out examples, held-out records as (where, messages)) of one source; for 'eval'
+    every record is held out, for 'train' the share `eval_fraction` (without eval_files)."""
+    examples, held_out, conversations = [], [], []
+
+    def render(record):
+      messages = to_messages(record, cfg.format, cfg.fields)
+      return messages, self.template.examples(messages)
+
+    for where, (messages, rendered) in parsed_records(patterns, cfg, self.counts, split, render):
+      is_held_out = split == 'eval' or (not cfg.eval_files
+                                        and in_held_out_share(where, cfg.eval_fraction))
+      if is_held_out:
+        conversations.append((where, messages))
       for rendered_example in rendered:
         if not any(rendered_example.mask):  # nothing to learn: no assistant message
           self.counts.add(f'{split}_empty_mask')
@@ -185,11 +97,8 @@ class SFTData:
         example = self._fit(rendered_example.ids, rendered_example.mask, split, cfg.overlong)
         if example is None:
           continue
-        if split == 'train' and not cfg.eval_files and in_held_out_share(where, cfg.eval_fraction):
-          held_out.append(example)
-        else:
-          examples.append(example)
-    return examples, held_out
+        (held_out if split == 'train' and is_held_out else examples).append(example)
+    return examples, held_out, conversations
 
   def _fit(self, ids, mask, split, overlong):
     if len(ids) <= self.seq_len:
@@ -252,8 +161,8 @@ def parsed_records(patterns: str, cfg: Any, counts: records.Counters, split: str
   """(location, parse(record)) for each record of the files `patterns` names. A bad record (unreadable,
   or one `parse` rejects with BadRecord or ChatFormatError) raises, naming its file and line, or with
   `cfg.skip_bad_records` is skipped and counted."""
-  for path in sources.resolve_files(patterns):
-    for where, record in _records(path, cfg, counts):
+  for path in resolve_files(patterns):
+    for where, record in read_records(path, cfg, counts):
       error = record if isinstance(record, BadRecord) else None  # already names its place
       if error is None:
         try:

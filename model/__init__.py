@@ -1,7 +1,7 @@
 """A LLaMA-family decoder in Flax linen, its weights on disk, and the commands that run it.
 
 Library modules import JAX, Flax and orbax only: never `train/`, nor `data/` (no TensorFlow). Only the
-command-line modules (generate, convert, exact_match) use `data/`, for tokenizers and chat templates.
+command-line modules (generate, convert, evaluate) use `data/`, for tokenizers and chat templates.
 """
 
 from model.config import PRESETS, ModelConfig, preset

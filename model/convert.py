@@ -19,7 +19,7 @@ tokenizer's files; a LoRA run's adapters are merged into the base weights they w
 `export-peft` writes a LoRA run's adapters as a PEFT adapter folder, which `peft` loads onto the
 exported base model (`PeftModel.from_pretrained(model, DIR)`); `import-peft` reads one onto a base
 checkpoint, as a LoRA checkpoint (adapters + a reference to the base) that trainers (`init_from`),
-`model.generate` and `model.exact_match` take. No TensorFlow and no torch are imported.
+`model.generate` and `model.evaluate` take. No TensorFlow and no torch are imported.
 
 `check` runs our model (the checkpoint given, or the folder imported in memory) and, where torch and
 transformers are installed, the original on the same prompts, and prints per position the largest

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from jax.experimental import multihost_utils
 
 from data import chat
 from data.tokenizer import check_vocab, load_tokenizer
@@ -134,9 +135,10 @@ class Generator:
     if not stop_ids:
       raise ValueError('Give at least one stop token id (e.g. the tokenizer EOS)')
     tokens, segments, positions = left_pad(prompts, pad_id)
-    if tokens.shape[1] + sampling.max_new_tokens > self.config.max_seq_len:
-      raise ValueError(f'prompt ({tokens.shape[1]} padded) + max_new_tokens '
-                       f'({sampling.max_new_tokens}) exceeds model.max_seq_len ({self.config.max_seq_len})')
+    longest = max(len(p) for p in prompts)  # padding takes no positions
+    if longest + sampling.max_new_tokens > self.config.max_seq_len:
+      raise ValueError(f'prompt ({longest} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds '
+                       f'model.max_seq_len ({self.config.max_seq_len})')
     stop_ids = tuple(int(i) for i in stop_ids)
     dynamic = (self.params, tokens, segments, positions, jax.random.key(sampling.seed))
     # What the compiled program depends on: the seed is an input, everything else is static.
@@ -160,20 +162,22 @@ class Generator:
     return time.perf_counter() - start
 
   def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-               stop_ids: Sequence[int], pad_id: int = 0) -> list[list[int]]:
-    """New tokens for each prompt, up to (not including) the first stop token."""
+               stop_ids: Sequence[int], pad_id: int = 0, include_stop: bool = False) -> list[list[int]]:
+    """New tokens for each prompt, up to the first stop token (included with `include_stop`)."""
     (params, tokens, segments, positions, rng), key = self._inputs(prompts, sampling, stop_ids, pad_id)
     with self._context():
       if key in self._compiled:
         out, _ = self._compiled[key](params, tokens, segments, positions, rng)
       else:
         out, _ = self._generate(params, tokens, segments, positions, key[1], key[2], rng)
+    if not out.is_fully_addressable:  # several hosts: each gets every row
+      out = multihost_utils.process_allgather(out, tiled=True)
     out = np.asarray(out)
     stops = set(key[-1])
     results = []
     for row in out:
       stop_at = [j for j, t in enumerate(row) if t in stops]
-      results.append(row[:stop_at[0]].tolist() if stop_at else row.tolist())
+      results.append(row[:stop_at[0] + include_stop].tolist() if stop_at else row.tolist())
     return results
 
 
@@ -190,13 +194,31 @@ def define_dtype_flag():
                     'for training).')
 
 
+def load_model(ckpt, dtype: str | None = None, param_dtype: str | None = None, mesh=None):
+  """(ModelConfig computing in `dtype` (default: `compute_dtype()`), LoraConfig, parameters placed on
+  `mesh`) of a checkpoint. A LoRA checkpoint runs unmerged, over the base it refers to."""
+  model_config, lora, params = adapters.load_model(ckpt, mesh, param_dtype or None)
+  return dataclasses.replace(model_config, dtype=compute_dtype(dtype)), lora, params
+
+
+def define_model_flags():
+  """--mesh, --dtype and --param_dtype, which `model_from_flags` reads (model.generate, model.evaluate)."""
+  flags.DEFINE_string('mesh', '', 'data,fsdp,tensor sizes to shard over (e.g. 1,-1,1); default: one '
+                      'device.')
+  define_dtype_flag()
+  flags.DEFINE_enum('param_dtype', '', ['', *DTYPES], 'Cast the parameters to this dtype when loading '
+                    '(default: as the checkpoint says, e.g. float32 after training; bfloat16 halves the '
+                    'memory).')
+  runtime.dashed_aliases(['param_dtype'])
+
+
 FLAGS = flags.FLAGS  # defined by define_flags() when run as a program
 
 
-def main(argv):
-  runtime.no_positional_arguments(argv)
-  runtime.setup(keep_freed_memory=False)
-  tokenizer = load_tokenizer(FLAGS.tokenizer)
+def model_from_flags(tokenizer):
+  """(ModelConfig, LoraConfig, parameters, mesh) of --ckpt, --dtype, --param_dtype and --mesh (flags
+  of this command and model.evaluate), the vocabulary checked against `tokenizer` before any weights
+  are read."""
   try:
     check_vocab(tokenizer, params_lib.load_model_config(FLAGS.ckpt).vocab_size)
   except ValueError as e:
@@ -204,9 +226,14 @@ def main(argv):
   mesh = None
   if FLAGS.mesh:
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, map(int, FLAGS.mesh.split(',')))))
-  # A LoRA checkpoint runs unmerged, over the base it refers to.
-  model_config, lora, params = adapters.load_model(FLAGS.ckpt, mesh, FLAGS.param_dtype or None)
-  model_config = dataclasses.replace(model_config, dtype=compute_dtype(FLAGS.dtype))
+  return (*load_model(FLAGS.ckpt, FLAGS.dtype, FLAGS.param_dtype, mesh), mesh)
+
+
+def main(argv):
+  runtime.no_positional_arguments(argv)
+  runtime.setup(keep_freed_memory=False)
+  tokenizer = load_tokenizer(FLAGS.tokenizer)
+  model_config, lora, params, mesh = model_from_flags(tokenizer)
 
   template = chat.template_from_flags(tokenizer)
   if template:
@@ -245,13 +272,8 @@ def define_flags():
   flags.DEFINE_integer('top_k', 0, 'Sample among the k likeliest tokens (0: all).', lower_bound=0)
   flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling threshold (1: off).', lower_bound=0.0, upper_bound=1.0)
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-  flags.DEFINE_string('mesh', '', 'data,fsdp,tensor sizes to shard over (e.g. 1,-1,1); default: one '
-                      'device.')
-  define_dtype_flag()
-  flags.DEFINE_enum('param_dtype', '', ['', *DTYPES], 'Cast the parameters to this dtype when loading '
-                    '(default: as the checkpoint says, e.g. float32 after training; bfloat16 halves the '
-                    'memory).')
-  runtime.dashed_aliases(['max_new_tokens', 'top_k', 'top_p', 'param_dtype'])
+  define_model_flags()
+  runtime.dashed_aliases(['max_new_tokens', 'top_k', 'top_p'])
 
 
 if __name__ == '__main__':

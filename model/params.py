@@ -5,9 +5,10 @@ model's parameters; training adds the step counter and optimizer state beside it
 train/checkpoint.py) and `model_config/` (the ModelConfig as JSON), so that the folder alone rebuilds
 the model. A LoRA step folder's `params` are only the adapters; its `lora/` item (JSON) holds their
 LoraConfig and a reference to the frozen base's own step folder, with the base's fingerprint
-(model/adapters.py). This module resolves such folders (from a workdir, its checkpoints/ folder, or
-the step folder itself), reads a step's model config, loads its parameters with a shape check first,
-and writes parameters-only step folders (Hugging Face imports). Local or gs:// paths (etils.epath).
+(model/adapters.py). This module resolves such folders (from a workdir, `WORKDIR:best`, its
+checkpoints/ folder, or the step folder itself), reads a step's model config, loads its parameters
+with a shape check first, and writes parameters-only step folders (Hugging Face imports). Local or
+gs:// paths (etils.epath).
 """
 
 import contextlib
@@ -28,6 +29,9 @@ from model.lora import LoraConfig
 from model.transformer import abstract_params
 
 STATE, MODEL_CONFIG, LORA = 'state', 'model_config', 'lora'  # the items of a step folder
+# `WORKDIR:best` names the step that a run's early stopping judged best (config.train.early_stopping):
+# WORKDIR/BEST_RECORD holds {"step", "metric", "value", "mode"} (train/evaluation.py writes it).
+BEST, BEST_RECORD = ':best', 'best_checkpoint.json'
 # Orbax writes a step to `<step>.orbax-checkpoint-tmp-*` and renames it when complete.
 TMP_MARK = '.orbax-checkpoint-tmp'
 
@@ -52,7 +56,10 @@ def saved_steps(directory) -> list[int]:
 
 
 def resolve_step_dir(path) -> epath.Path:
-  """A step folder from a workdir (its latest step), a checkpoints folder, or a step folder itself."""
+  """A step folder from a workdir (its latest step), `WORKDIR:best` (its best step), a checkpoints
+  folder, or a step folder itself."""
+  if str(path).endswith(BEST):
+    return best_step_dir(str(path)[:-len(BEST)])
   p = absolute(path)
   if (p / STATE).exists():
     return p
@@ -62,6 +69,20 @@ def resolve_step_dir(path) -> epath.Path:
       return root / str(steps[-1])
   raise FileNotFoundError(f'No checkpoint at {path}: expected a workdir, its checkpoints/ folder, or '
                           'a step folder holding state/')
+
+
+def best_step_dir(workdir) -> epath.Path:
+  """The step folder that WORKDIR/BEST_RECORD names."""
+  record = absolute(workdir) / BEST_RECORD
+  if not record.exists():
+    raise FileNotFoundError(f'{workdir}{BEST}: {record} not found; a run writes it when '
+                            'config.train.early_stopping.metric is set')
+  best = json.loads(record.read_text())
+  step_dir = absolute(workdir) / 'checkpoints' / str(best['step'])
+  if not (step_dir / STATE).exists():
+    raise FileNotFoundError(f'{workdir}{BEST}: the best step, {best["step"]} ({best["metric"]} '
+                            f'{best["value"]:.4g}), has no checkpoint at {step_dir}')
+  return step_dir
 
 
 def load_model_config(path) -> ModelConfig:

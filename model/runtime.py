@@ -1,7 +1,7 @@
 """What every program that runs JAX does first, and the command-line conventions they share.
 
 `setup()` is called at the start of every entry point's main (the trainers, train.compile,
-train.benchmark, model.generate, model.convert, model.exact_match): the C allocator's setting for CPU
+train.benchmark, model.generate, model.convert, model.evaluate): the C allocator's setting for CPU
 hosts (model/host_memory.py, before JAX starts a backend), a log that keeps libraries' warnings but only
 our own INFO lines, and joining a multi-process run when one is configured or detected. Flags are absl
 flags everywhere, as the trainers' ml_collections config overrides (`--config.a.b=v`) need: one
@@ -80,13 +80,15 @@ def dashed_aliases(names: Sequence[str]):
       flags.DEFINE_alias(name.replace('_', '-'), name)
 
 
-def parse_command(argv: Sequence[str], commands: Mapping[str, Sequence[str]]) -> str:
-  """The subcommand of `prog COMMAND --flags...` (argv as absl leaves it), checked: known, no other
-  positional arguments, and the flags `commands[COMMAND]` names are set. Raises app.UsageError."""
+def parse_command(argv: Sequence[str], commands: Mapping[str, Sequence[str]],
+                  default: str | None = None) -> str:
+  """The subcommand of `prog COMMAND --flags...` (argv as absl leaves it; `prog --flags...` means
+  `default` where there is one), checked: known, no other positional arguments, and the flags
+  `commands[COMMAND]` names are set. Raises app.UsageError."""
   known = ', '.join(commands)
-  if len(argv) < 2:
+  if len(argv) < 2 and default is None:
     raise app.UsageError(f'give a command: {known}')
-  command, extra = argv[1], argv[2:]
+  command, extra = (argv[1], argv[2:]) if len(argv) > 1 else (default, [])
   if command not in commands:
     raise app.UsageError(f'unknown command {command!r}; expected one of: {known}')
   if extra:

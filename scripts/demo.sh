@@ -2,10 +2,10 @@
 # The main job on a laptop CPU, from a fresh clone: set up .venv, write the demo corpus (CPython's own
 # documentation, offline) and a checked-answer instruction set, train a tokenizer, pretrain the tiny
 # model, instruction-tune it (fully, then with LoRA), preference-tune it (DPO on right vs wrong answers),
-# and show held-out loss, preference accuracy and answer accuracy before and after.
+# and show held-out loss, preference accuracy and the task metrics of answers before and after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh requirements.txt requirements-eval.txt
 PY=.venv/bin/python
 export TF_CPP_MIN_LOG_LEVEL=2
 DEMO=${DEMO_DIR:-demo}
@@ -15,8 +15,9 @@ DPO_STEPS=${DPO_STEPS:-300}
 START=$(date +%s)
 TOK="$DEMO/tokenizer.model"
 score() {  # $1: checkpoint, $2: label
-  $PY -m model.exact_match --ckpt "$1" --tokenizer "$TOK" --data "$DEMO/sft_data/eval.jsonl" \
-    --chat-template llama2 --label "$2" --json-out "$1/exact_match.json"
+  $PY -m model.evaluate generate-metrics --ckpt "$1" --tokenizer "$TOK" --data "$DEMO/sft_data/eval.jsonl" \
+    --chat-template llama2 --max-new-tokens 16 --label "$2" --json-out "$1/task_metrics.json" \
+    --output "$1/answers.jsonl"
 }
 
 echo "== 1/8 demo corpus and instruction set"
@@ -32,7 +33,9 @@ score "$DEMO/pretrain" "Before instruction tuning: "
 echo "== 5/8 instruction tuning (configs/sft_tiny.py, $SFT_STEPS steps)"
 $PY -m train.sft --config=configs/sft_tiny.py --workdir="$DEMO/sft" --config.init_from="$DEMO/pretrain" \
   --config.train.steps="$SFT_STEPS" --config.data.train_files="$DEMO/sft_data/train.jsonl" \
-  --config.data.eval_files="$DEMO/sft_data/eval.jsonl" --config.data.tokenizer="$TOK"
+  --config.data.eval_files="$DEMO/sft_data/eval.jsonl" --config.data.tokenizer="$TOK" \
+  --config.eval.generation.metrics=exact_match,f1,rougeL --config.eval.generation.num_prompts=150 \
+  --config.eval.generation.max_new_tokens=16
 echo "== 6/8 held-out questions, after instruction tuning"
 score "$DEMO/sft" "After instruction tuning: "
 $PY -m model.generate --ckpt "$DEMO/sft" --tokenizer "$TOK" --chat-template llama2 --max-new-tokens 8 \
@@ -58,21 +61,24 @@ demo, start = sys.argv[1], int(sys.argv[2])
 def evals(run):
   return json.load(open(f'{demo}/{run}/eval_results.json'))
 pre, sft, lora, dpo = evals('pretrain'), evals('sft'), evals('sft_lora'), evals('dpo')
-before, after, after_lora, after_dpo = (json.load(open(f'{demo}/{r}/exact_match.json'))
-                                        for r in ('pretrain', 'sft', 'sft_lora', 'dpo'))
+before, after, after_lora = (json.load(open(f'{demo}/{r}/task_metrics.json'))['metrics']
+                             for r in ('pretrain', 'sft', 'sft_lora'))
+after_dpo = json.load(open(f'{demo}/dpo/task_metrics.json'))['metrics']
+first_dpo = next(e for e in dpo if e['step'] > 0)
 print('\n== Summary')
 print(f"Pretraining held-out loss: {pre[0]['eval_loss']:.3f} (step {pre[0]['step']}) -> "
       f"{pre[-1]['eval_loss']:.3f} (step {pre[-1]['step']})")
 print(f"Instruction tuning held-out answer loss: {sft[0]['eval_loss']:.3f} (step {sft[0]['step']}) -> "
       f"{sft[-1]['eval_loss']:.3f} (step {sft[-1]['step']})")
-print(f"Held-out exact-match accuracy: {100 * before['accuracy']:.1f}% -> {100 * after['accuracy']:.1f}%")
-print(f"LoRA instruction tuning held-out answer loss: {lora[0]['eval_loss']:.3f} -> "
-      f"{lora[-1]['eval_loss']:.3f}; exact match {100 * before['accuracy']:.1f}% -> "
-      f"{100 * after_lora['accuracy']:.1f}%")
-first_dpo = next(e for e in dpo if e['step'] > 0)
+print(f"LoRA instruction tuning held-out answer loss: {lora[0]['eval_loss']:.3f} -> {lora[-1]['eval_loss']:.3f}")
+print(f'Held-out answers ({len(open(f"{demo}/sft/answers.jsonl").readlines())}): before tuning -> after '
+      'full instruction tuning | after LoRA instruction tuning')
+for name, key in (('exact match', 'exact_match'), ('token F1', 'f1'), ('ROUGE-1', 'rouge1'),
+                  ('ROUGE-2', 'rouge2'), ('ROUGE-L', 'rougeL'), ('BLEU', 'bleu'), ('chrF', 'chrf')):
+  print(f'  {name:12} {before[key]:5.1f} -> {after[key]:5.1f} | {after_lora[key]:5.1f}')
 print(f"Preference tuning held-out preference accuracy: {100 * dpo[0]['eval_rewards/accuracies']:.1f}% "
       f"(step 0) -> {100 * first_dpo['eval_rewards/accuracies']:.1f}% (step {first_dpo['step']}) -> "
       f"{100 * dpo[-1]['eval_rewards/accuracies']:.1f}% (step {dpo[-1]['step']}); exact match "
-      f"{100 * after['accuracy']:.1f}% -> {100 * after_dpo['accuracy']:.1f}%")
+      f"{after['exact_match']:.1f}% -> {after_dpo['exact_match']:.1f}%")
 print(f"Demo wall time: {time.time() - start:.0f} s")
 PYEOF

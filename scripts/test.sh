@@ -19,10 +19,10 @@ if [ "${1:-}" = newest ]; then
   export VENV=.venv-newest
   # requirements-test.txt installs no torch or transformers on 3.12; jax[tpu] brings the libtpu that
   # matches the newest jax, for train.compile.
-  bash scripts/setup.sh requirements-newest.txt requirements-test.txt 'jax[tpu]'
+  bash scripts/setup.sh requirements-newest.txt requirements-eval.txt requirements-test.txt 'jax[tpu]'
 else
   export VENV=.venv
-  bash scripts/setup.sh requirements.txt requirements-test.txt requirements-tpu.txt
+  bash scripts/setup.sh requirements.txt requirements-eval.txt requirements-test.txt requirements-tpu.txt
 fi
 "$VENV/bin/python" -c 'import sys, jax, flax; print(f"Python {sys.version.split()[0]}, jax {jax.__version__}, flax {flax.__version__}")'
 "$VENV/bin/python" -m pytest -q -rs tests "$@"

@@ -32,6 +32,12 @@ def test_train_benchmark_reports_throughput_and_mfu(monkeypatch):
   assert "this machine's measured matmul rate" in text and 'compile time' in text
 
 
+def test_loglikelihood_benchmark_reports_tokens_per_second():
+  r = benchmark.benchmark_loglikelihood(_micro_config(), calls=1)  # 8 devices: batch sharded 8 ways
+  assert r['loglikelihood_tokens_per_s'] == pytest.approx(4 * 8 * 64 / r['loglikelihood_call_s'])
+  assert r['loglikelihood_first_call_s'] > 0
+
+
 def test_compile_only_reports_compile_time_and_memory_without_stepping():
   r = benchmark.benchmark(_micro_config(), steps=0)
   assert r['compile_s'] > 0 and r['temp_gib'] > 0 and r['n_layers'] == 2

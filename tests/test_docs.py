@@ -243,7 +243,8 @@ def _split(arg: str):
   return name, (value if eq else None)
 
 
-def _check_absl(module: str, commands: list[list[str]], flag_values, subcommands=None) -> list[str]:
+def _check_absl(module: str, commands: list[list[str]], flag_values, subcommands=None,
+                default_command=None) -> list[str]:
   from model import runtime  # pylint: disable=import-outside-toplevel
   base = set(flag_values)
   results = []
@@ -277,7 +278,7 @@ def _check_absl(module: str, commands: list[list[str]], flag_values, subcommands
       if 'config' in flag_values and flag_values['config'].present:
         flag_values['config'].value.keys()  # config files load lazily: load this one now
       if subcommands is not None:
-        runtime.parse_command(rest, subcommands)
+        runtime.parse_command(rest, subcommands, default_command)
       elif len(rest) > 1 and module != 'train.plot':  # train.plot: --workdir A B lists two workdirs
         error = f'unexpected positional arguments {rest[1:]}'
       for name in deferred:
@@ -319,9 +320,11 @@ def _checker_main(module: str):
   else:
     print(json.dumps([f'python -m {module} parses no command line (absl app.run)'] * len(commands)))
     return
-  # A command with subcommands names each and the flags it needs (model/runtime.parse_command).
-  subcommands = getattr(importlib.import_module(module), 'COMMANDS', None)
-  print(json.dumps(_check_absl(module, commands, flags.FLAGS, subcommands)))
+  # A command with subcommands names each and the flags it needs (model/runtime.parse_command), and
+  # maybe the one that runs without a name.
+  main = importlib.import_module(module)
+  print(json.dumps(_check_absl(module, commands, flags.FLAGS, getattr(main, 'COMMANDS', None),
+                               getattr(main, 'DEFAULT_COMMAND', None))))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -342,7 +345,9 @@ BAD = [  # (module, args, what the error must mention): the checker must refuse 
      'max-tokens'),
     ('model.convert', ['import', '--ckpt', 'CKPT', '--out', 'OUT'], 'hf_dir'),
     ('model.convert', ['merge', '--ckpt', 'CKPT', '--out', 'OUT'], 'merge'),
-    ('model.exact_match', ['--ckpt', 'CKPT', '--tokenizer', 'T', '--data', 'D'], 'chat_template'),
+    ('model.evaluate', ['--ckpt', 'CKPT', '--tokenizer', 'T', '--include_path', 'DIR'], 'tasks'),
+    ('model.evaluate', ['generate-metrics', '--ckpt', 'CKPT', '--tokenizer', 'T'], 'data'),
+    ('model.evaluate', ['--ckpt', 'CKPT', '--tokenizer', 'T', '--tasks', 'T', '--limits', '4'], 'limits'),
     ('train.plot', ['--workdir', 'DIR', '--output', 'x.png'], 'output'),
     ('train.no_such_module', ['--workdir=DIR'], 'no_such_module'),
 ]

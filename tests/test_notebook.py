@@ -1,5 +1,6 @@
 """notebooks/quickstart.ipynb runs top to bottom (quick settings, CPU) and is stored without outputs."""
 
+import glob
 import json
 import os
 
@@ -37,8 +38,9 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   assert 'Wrote' in text and 'train and 16 held-out questions' in text
   assert 'tokens, bos=1 eos=2' in text
   assert 'step 30/30' in text and 'step 20/20' in text
-  assert 'Before instruction tuning: exact-match accuracy' in text
-  assert 'After instruction tuning: exact-match accuracy' in text
+  assert 'Before instruction tuning: 16 held-out answers: exact_match' in text
+  assert 'After instruction tuning: 16 held-out answers: exact_match' in text
+  assert '|flaxlm_words|' in text and 'byte_perplexity' in text  # lm-eval's table
   assert 'new tokens in' in text  # model.generate's summary
   assert 'held-out loss' in text and 'tokens/s' in text  # train.plot's summary lines
   assert 'fits' in text  # train.compile's verdict
@@ -47,8 +49,11 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   for run, last_step in (('pretrain', 30), ('sft', 20)):
     with open(work / run / 'eval_results.json', encoding='utf-8') as f:
       assert json.load(f)[-1]['step'] == last_step
-    with open(work / run / 'exact_match.json', encoding='utf-8') as f:
-      assert 0.0 <= json.load(f)['accuracy'] <= 1.0
+    with open(work / run / 'task_metrics.json', encoding='utf-8') as f:
+      assert 0.0 <= json.load(f)['metrics']['exact_match'] <= 100.0
+  with open(work / 'sft' / 'eval_results.json', encoding='utf-8') as f:
+    assert 'eval_rougeL' in json.load(f)[-1]  # task metrics during tuning
+  assert glob.glob(str(work / 'lm_eval' / '*' / 'results_*.json'))
   png = (work / 'loss.png').read_bytes()
   assert png.startswith(b'\x89PNG') and len(png) > 20_000
   images = [o for c in notebook.cells if c.cell_type == 'code' for o in c.outputs

@@ -17,7 +17,7 @@ from pydoc_data import topics
 
 from data import demo_corpus
 from data import tokenizer as tokenizer_lib
-from model import Transformer, convert, exact_match
+from model import Transformer, convert, task_metrics
 from model import params as params_lib
 from model.config import preset
 
@@ -66,38 +66,33 @@ def test_tokenizer_cli_shows_corpus_read(tmp_path):
   assert '100%' in bar and 'char/s' in bar
 
 
-class _Template:
-  stop_ids = [2]
-
-  def prompt_ids(self, messages):
-    return [1, 5, 6]
-
-
 class _Tokenizer:
-  pad_id = 0
+  pad_id, vocab_size = 0, 10
 
   def decode(self, ids):
     return 'yes'
 
 
 class _Generator:
+  config = preset('tiny')
+
   def generate(self, prompts, sampling, stop_ids, pad_id):
     return [[7]] * len(prompts)
 
 
-RECORDS = [{'messages': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'yes'}]}] * 5
+PROMPTS = [[1, 5, 6]] * 5
 
 
-def test_exact_match_shows_questions_answered():
+def test_answering_shows_questions_answered():
   with terminal() as stream:
-    result = exact_match.exact_match(_Generator(), _Tokenizer(), _Template(), RECORDS, batch_size=2)
-  assert result['accuracy'] == 1.0
+    answers = task_metrics.generate_answers(_Generator(), _Tokenizer(), PROMPTS, [2], batch_size=2)
+  assert answers == ['yes'] * 5
   bar = _final_bar(stream.getvalue(), 'Answering')
   assert '100%' in bar and '5/5' in bar and 'question/s' in bar
 
 
 def test_no_bar_when_stderr_is_not_a_terminal(capsys):
-  exact_match.exact_match(_Generator(), _Tokenizer(), _Template(), RECORDS)
+  task_metrics.generate_answers(_Generator(), _Tokenizer(), PROMPTS, [2])
   assert capsys.readouterr().err == ''
 
 

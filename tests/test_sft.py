@@ -1,6 +1,8 @@
-"""Instruction tuning: input checks, loss masking, packing isolation, init_from, exact resume."""
+"""Instruction tuning: input checks, loss masking, packing isolation, init_from, exact resume; task
+metrics of generated answers and early stopping with the best checkpoint."""
 
 import dataclasses
+import glob
 import json
 import os
 
@@ -15,7 +17,7 @@ from data.records import BadRecord
 from data.sft import SFTData
 from model import ModelConfig, Transformer
 from model import params as params_lib
-from train import checkpoint, loop, step as step_lib, validate
+from train import checkpoint, evaluation, loop, step as step_lib, validate
 from train import run as run_lib
 
 SEQ = 128
@@ -234,3 +236,93 @@ def test_the_model_comes_from_init_from_unless_the_config_sets_its_shape(pretrai
   c.init_from = ''
   with pytest.raises(validate.ConfigError, match="model.preset='init_from' .* config.init_from, which is empty"):
     run_lib.Run(c)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation during tuning: task metrics of generated answers, early stopping, the best checkpoint
+
+def test_early_stopping_counts_evaluations_without_a_new_best(demo_data, sft_files):
+  def stops(values, **settings):
+    c = _config(demo_data, sft_files)
+    c.train.early_stopping.update(dict(metric='eval_f1', **settings))
+    watch = evaluation.EarlyStopping(c, ['eval_loss', 'eval_f1'])
+    bests = [watch.update(10 * i, {'eval_f1': v}) for i, v in enumerate(values)]
+    return watch.stopped_at, watch.best_step, bests
+
+  c = _config(demo_data, sft_files)
+  c.train.early_stopping.metric = 'eval_loss'
+  assert evaluation.EarlyStopping(c, ['eval_loss']).mode == 'min'  # losses are better lower
+  # Step 0 is a baseline, not a candidate; task metrics are better higher.
+  assert stops([99, 1, 2, 2, 1.5, 3], patience=2) == (40, 20, [False, True, True, False, False, False])
+  assert stops([1, 2, 2.05, 2.1, 5], patience=2, min_delta=0.2) == (30, 10, [False, True, False, False, False])
+  assert stops([0, 5, 4, 3, 2, 1], patience=0) == (None, 10, [False, True] + [False] * 4)
+  assert stops([0, 5, 4, 3], patience=3, mode='min') == (None, 30, [False, True, True, True])
+  c = _config(demo_data, sft_files)
+  c.train.early_stopping.metric = 'eval_rougeL'
+  with pytest.raises(validate.ConfigError, match="'eval_rougeL', which this run does not evaluate"):
+    evaluation.EarlyStopping(c, ['eval_loss', 'eval_perplexity'])
+
+
+def _stopping_config(demo_data, sft_files, pretrained, steps, **generation):
+  c = _config(demo_data, sft_files)
+  c.init_from = pretrained
+  c.train.update(dict(steps=steps, eval_every=2))
+  c.optimizer.decay_steps = 10  # the same schedule whatever train.steps, so that runs can be resumed
+  c.checkpoint.update(dict(every_steps=3, keep=1))  # the best, step 2, is saved off this schedule
+  # No evaluation after the first beats it by 1e9: the run must keep step 2 and stop at the second
+  # evaluation after it, step 6, whatever the losses.
+  c.train.early_stopping.update(dict(metric='eval_loss', patience=2, min_delta=1e9))
+  c.eval.generation.update(generation)
+  return c
+
+
+def _sft_run(config, workdir):
+  return loop.train(config, workdir, SFTData(config.data, SEQ), init_params=checkpoint.params_from(config.init_from))
+
+
+def _read(workdir, name):
+  with open(os.path.join(workdir, name), encoding='utf-8') as f:
+    return json.load(f) if name.endswith('.json') else [json.loads(line) for line in f]
+
+
+def test_early_stopping_keeps_the_best_checkpoint_also_across_a_resume(demo_data, sft_files, pretrained,
+                                                                      tmp_path):
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  _sft_run(_stopping_config(demo_data, sft_files, pretrained, 10, metrics='exact_match,rougeL',
+                            num_prompts=4, max_new_tokens=4, batch_size=4), straight)
+  _sft_run(_stopping_config(demo_data, sft_files, pretrained, 4), resumed)  # evaluates at 2 and 4
+  assert 'stopped_early_at' not in _read(resumed, 'final_metrics.json')
+  _sft_run(_stopping_config(demo_data, sft_files, pretrained, 10), resumed)  # remembers 2 and 4
+  for workdir in (straight, resumed):
+    final = _read(workdir, 'final_metrics.json')
+    assert (final['step'], final['stopped_early_at'], final['best_step']) == (6, 6, 2)
+    assert final['best_checkpoint'] == os.path.join(workdir, 'checkpoints', '2')
+    # checkpoint.keep = 1 keeps the last step; the best is kept besides it.
+    assert params_lib.saved_steps(os.path.join(workdir, 'checkpoints')) == [2, 6]
+    assert _read(workdir, params_lib.BEST_RECORD)['step'] == 2
+    assert str(params_lib.resolve_step_dir(f'{workdir}:best')) == final['best_checkpoint']
+    assert [e['step'] for e in _read(workdir, 'eval_results.json')] == [2, 4, 6]
+  a, b = _losses(straight), _losses(resumed)
+  assert sorted(a) == sorted(b) == list(range(1, 7))  # no step after the stop
+  np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-6)
+  # A rerun of the stopped run trains no further.
+  _sft_run(_stopping_config(demo_data, sft_files, pretrained, 10), resumed)
+  assert sorted(_losses(resumed)) == list(range(1, 7))
+  with pytest.raises(FileNotFoundError, match='best_checkpoint.json not found'):
+    params_lib.resolve_step_dir(f'{pretrained}:best')
+
+  # The task metrics of each evaluation: in eval_results.json, metrics.jsonl, TensorBoard and a
+  # samples file of the answers.
+  evals = _read(straight, 'eval_results.json')
+  assert all(0 <= e['eval_exact_match'] <= 100 and 0 <= e['eval_rougeL'] <= 100 for e in evals)
+  logged = [r for r in _read(straight, 'metrics.jsonl') if 'eval_exact_match' in r]
+  assert [r['step'] for r in logged] == [2, 4, 6]
+  [events] = glob.glob(os.path.join(straight, 'tensorboard', 'events.*'))
+  with open(events, 'rb') as f:
+    assert b'eval_rougeL' in f.read()
+  for step, entry in zip((2, 4, 6), evals):
+    samples = _read(straight, f'generation_samples/{step}.jsonl')
+    assert len(samples) == 4 and set(samples[0]) == {'where', 'prompt', 'reference', 'answer',
+                                                     'exact_match', 'rougeL'}
+    assert np.mean([s['rougeL'] for s in samples]) == pytest.approx(entry['eval_rougeL'])
+    assert samples[0]['where'].endswith('eval.jsonl:1') and samples[0]['prompt'].startswith('What is')

@@ -2,6 +2,7 @@
 
   python -m train.benchmark --config=configs/tiny.py [--steps 20] [--config.train.batch_size=32 ...]
   python -m train.benchmark --config=configs/small.py --steps 0 --config.model.n_layers=32  # compile
+  python -m train.benchmark --config=configs/tiny.py --loglikelihood  # and lm-eval's scoring path
 
 The step is `Run(config).train_step()`, exactly what `train.pretrain` runs (for a preference config,
 what `train.dpo` runs, on synthetic pairs), fed with device-resident synthetic batches (numpy only, no
@@ -23,7 +24,7 @@ from absl import app, flags
 
 from data.synthetic import synthetic_global_batch, synthetic_preference_batch
 from model import attention as attention_lib
-from model import runtime
+from model import runtime, scoring
 from train import batches as batches_lib
 from train import chips
 from train import metrics as metrics_lib
@@ -133,6 +134,31 @@ def benchmark(config, steps: int = 10, warmup: int = 2) -> dict[str, float]:
   return result
 
 
+def benchmark_loglikelihood(config, calls: int = 5) -> dict[str, float]:
+  """Tokens/s of lm-eval's log-likelihood path (model/scoring.py: the forward pass and the chunked
+  log-softmax, host work included) on the step's model and mesh, for requests that fill rows of
+  train.seq_len tokens, train.batch_size rows per batch, 4 batches per call; median of `calls`."""
+  run = run_lib.Run(config)
+  tcfg = config.train
+  params = run.init_state().model_params  # random; with LoRA, the adapters joined with the base
+  scorer = scoring.Scorer(run.model_config, params, run.mesh, batch_size=tcfg.batch_size,
+                          max_length=tcfg.seq_len, lora=run.lora)
+  tokens = np.random.default_rng(tcfg.seed).integers(
+      0, run.model_config.vocab_size, (4 * scorer.batch_size, tcfg.seq_len + 1)).tolist()
+  requests = [(row[:-8], row[-8:]) for row in tokens]  # 8 continuation tokens, as a short answer
+  start = time.perf_counter()
+  scorer.score(requests)
+  first_s = time.perf_counter() - start
+  times = []
+  for _ in range(calls):
+    start = time.perf_counter()
+    scorer.score(requests)
+    times.append(time.perf_counter() - start)
+  call_s = statistics.median(times)
+  return {'loglikelihood_tokens_per_s': len(requests) * tcfg.seq_len / call_s,
+          'loglikelihood_call_s': call_s, 'loglikelihood_first_call_s': first_s}
+
+
 def format_result(r: dict[str, float], name: str = '') -> str:
   lines = [f"{name} on {r['devices']} x {r['device_kind']}: {r['params']:,} params, "
            f"{r['n_layers']} layers, batch {r['batch_size']} x {r['seq_len']}, attention "
@@ -146,6 +172,10 @@ def format_result(r: dict[str, float], name: str = '') -> str:
                f"this machine's measured matmul rate, {r['measured_matmul_tflops']:.4f} TFLOP/s")
     lines.append(f"  MFU              {100 * r['mfu']:.1f}% of {against}")
   lines.append(f"  compile time     {r['compile_s']:.2f} s (trace + lower {r['lower_s']:.2f} s)")
+  if 'loglikelihood_tokens_per_s' in r:
+    lines.append(f"  loglikelihood    {r['loglikelihood_tokens_per_s']:,.0f} tokens/s (lm-eval scoring, "
+                 f"{r['batch_size']} x {r['seq_len']} per batch; first call with compilation "
+                 f"{r['loglikelihood_first_call_s']:.1f} s)")
   mem = [f"{k[:-4]} {r[k]:.3f} GiB" for k in ('argument_gib', 'output_gib', 'temp_gib',
                                               'compiled_total_gib', 'device_peak_gib',
                                               'host_peak_rss_gib') if k in r]
@@ -158,6 +188,8 @@ def main(argv):
   config = FLAGS.config
   runtime.setup(config.distributed)
   result = benchmark(config, FLAGS.steps, FLAGS.warmup)
+  if FLAGS.loglikelihood:
+    result.update(benchmark_loglikelihood(config))
   print(format_result(result, config.model.get('preset', 'model')))
   if FLAGS.json:
     with open(FLAGS.json, 'w', encoding='utf-8') as f:
@@ -170,6 +202,8 @@ def define_flags():
                        lower_bound=0)
   flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.', lower_bound=0)
   flags.DEFINE_string('json', '', 'Also write the results to this JSON file.')
+  flags.DEFINE_bool('loglikelihood', False, 'Also time lm-eval\'s log-likelihood path (forward only) '
+                    'on the same model, batch and sequence length.')
 
 
 if __name__ == '__main__':

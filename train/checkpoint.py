@@ -66,8 +66,19 @@ class DataStateRestore(ocp.args.CheckpointArgs):
   pass
 
 
+@dataclasses.dataclass
+class _Pinned:
+  """orbax preservation policy: keeps the steps in `steps`, whatever else rotates away."""
+  steps: set
+
+  def should_preserve(self, checkpoints, *, context):
+    del context
+    return [c.step in self.steps for c in checkpoints]
+
+
 class Checkpointer:
-  """Saves when asked (asynchronously by default) and keeps the last `keep` checkpoints.
+  """Saves when asked (asynchronously by default) and keeps the last `keep` checkpoints, and the one
+  `pin` names (the best, train/evaluation.py).
 
   The caller decides when to save; orbax's own interval logic would also save the first step.
   """
@@ -80,9 +91,17 @@ class Checkpointer:
     self.lora_reference: dict | None = None  # LoRA: the base the adapters train on, saved with them
     self.reference: dict | None = None  # preference tuning: the REFERENCE item, saved with every step
     remove_incomplete(self.directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    self._pinned = _Pinned(set())
+    keeping = ocp.checkpoint_managers.AnyPreservationPolicy(
+        [ocp.checkpoint_managers.LatestN(keep), self._pinned])
+    options = ocp.CheckpointManagerOptions(preservation_policy=keeping, create=True,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def pin(self, step: int):
+    """Keeps `step` (saved, or saved next) instead of the step pinned before; old pins go when saves
+    rotate them out."""
+    self._pinned.steps = {step}
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

@@ -18,8 +18,10 @@ from jax.experimental import multihost_utils
 
 from data.batch import empty_like
 from model import adapters as adapters_lib
+from model import params as params_lib
 from train import batches as batches_lib
 from train import checkpoint as checkpoint_lib
+from train import evaluation as evaluation_lib
 from train import metrics as metrics_lib
 from train import preemption
 from train import validate
@@ -89,6 +91,16 @@ class Trainer:
     self.train_iter = data.train_iterator(shard_index, shard_count, local_batch)
     self.eval_batches = _equalize_eval_batches(
         data.eval_batches(shard_index, shard_count, local_batch, tcfg.eval_max_batches))
+    # Task metrics of generated answers, and early stopping on any evaluated value (train/evaluation.py).
+    self.generation = (evaluation_lib.GenerationEval(config, run, data, workdir, self.primary)
+                       if evaluation_lib.generation_metrics(config) else None)
+    evaluated = (['eval_loss', 'eval_perplexity'] if self.eval_batches else []) + (
+        [f'eval_{m}' for m in self.generation.metrics] if self.generation else [])
+    self.early_stopping = evaluation_lib.EarlyStopping(config, evaluated)
+    if self.resumed_from is not None:
+      self.early_stopping.replay(workdir, self.resumed_from, self.ckpt.directory)
+      if self.early_stopping.best_step is not None:
+        self.ckpt.pin(self.early_stopping.best_step)
 
     if self.resumed_from is not None:
       self.state, data_state = self.ckpt.restore(self.resumed_from, run.abstract_state())
@@ -150,17 +162,30 @@ class Trainer:
 
   # -- pieces of a step ---------------------------------------------------------------------------
 
-  def evaluate(self, step: int):
-    if not self.eval_batches:
+  def evaluation_due(self, step: int) -> bool:
+    every = self.config.train.eval_every
+    return bool(every and step % every == 0) or bool(self.generation and self.generation.due(step))
+
+  def evaluate(self, step: int, final: bool = False):
+    """The held-out loss and task metrics due at `step` (all of them at step 0 and when `final`)."""
+    every, result = self.config.train.eval_every, {}
+    if self.eval_batches and (final or step == 0 or (every and step % every == 0)):
+      result.update(evaluate(self.run, self.eval_step, self.state, self.eval_batches))
+    if self.generation and (final or step == 0 or self.generation.due(step)):
+      result.update(self.generation(self.state.model_params, step))
+    if not result:
       return
-    result = evaluate(self.run, self.eval_step, self.state, self.eval_batches)
     self.writer.write(step, result)
     self.last.update(result)
     self.eval_history.append({'step': step, **result})
+    if self.early_stopping.update(step, result):
+      self.ckpt.pin(step)  # saved in this step if it is not already
     if self.primary:
       workdir_lib.write_json(os.path.join(self.workdir, 'eval_results.json'), self.eval_history,
                              append_to_existing=True)
-      logging.info('eval at step %d: %s', step, metrics_lib.format_eval(result))
+      logging.info('eval at step %d: %s', step, ' | '.join(
+          f'{k[5:]} {v:.4f}' if k not in ('eval_tokens', 'eval_pairs') else f'{v:.0f} {k[5:]}'
+          for k, v in result.items()))
 
   def log(self, step: int, fetched: list[dict], seconds_per_step: float | None):
     tcfg = self.config.train
@@ -183,13 +208,17 @@ class Trainer:
       logging.info(metrics_lib.format_line(step, tcfg.steps, m))
 
   def save(self, step: int):
+    self.ckpt.wait()  # the previous save is on storage now: the best may be named
+    if self.primary:
+      self.early_stopping.publish(self.workdir, self.ckpt.directory)
     self.ckpt.save(step, self.state, self.train_iter.get_state())
 
   # -- the loop -----------------------------------------------------------------------------------
 
   def fit(self) -> dict[str, float]:
-    """Trains to `config.train.steps`, or to the step at which a stop signal was agreed."""
-    tcfg = self.config.train
+    """Trains to `config.train.steps`, or to the step at which a stop signal was agreed or early
+    stopping stopped (a rerun of an early-stopped run trains no further)."""
+    tcfg, stopping_early = self.config.train, self.early_stopping
     step = int(jax.device_get(self.state.step))
     if step == 0 and tcfg.eval_at_start:
       self.evaluate(0)
@@ -198,7 +227,7 @@ class Trainer:
     consecutive_skips, last_saved = 0, self.resumed_from
     stopped_by = None
     with preemption.StopRequest() as stop:
-      while step < tcfg.steps:
+      while step < tcfg.steps and stopping_early.stopped_at is None:
         local_batch, self.first_batch = self.first_batch or next(self.train_iter), None
         batch = self.run.global_batch(local_batch)
         self.state, step_metrics = self.train_step(self.state, batch)
@@ -232,27 +261,41 @@ class Trainer:
           self.log(step, fetched,
                    (time.perf_counter() - window_start) / window_steps if window_steps else None)
           pending, window_start, window_steps = [], time.perf_counter(), 0
-        if tcfg.eval_every and step % tcfg.eval_every == 0 and step != tcfg.steps:
+        if step != tcfg.steps and self.evaluation_due(step):
           self.evaluate(step)
         stopping = stop.should_stop()
-        if step % self.config.checkpoint.every_steps == 0 or step == tcfg.steps or stopping:
+        if (step % self.config.checkpoint.every_steps == 0 or step == tcfg.steps or stopping
+            or step in (stopping_early.best_step, stopping_early.stopped_at)):
           self.save(step)
           last_saved = step
         if stopping:
           stopped_by = stop.signal_name or 'a signal on another host'
           break
 
-    if stopped_by is None and (self.resumed_from is None or self.resumed_from < tcfg.steps):
-      self.evaluate(step)
+    if stopped_by is None and stopping_early.stopped_at is None and (
+        self.resumed_from is None or self.resumed_from < tcfg.steps):
+      self.evaluate(step, final=True)
     self.ckpt.wait()
+    if self.primary:
+      stopping_early.publish(self.workdir, self.ckpt.directory)
     self.ckpt.close()
     self.writer.close()
     if stopped_by:
       logging.warning('Stopped at step %d (%s); checkpoint saved in %s. Run the same command to '
                       'resume.', step, stopped_by, self.ckpt.directory)
       self.last['stopped_at'] = step
+    if stopping_early.stopped_at is not None:
+      logging.info('Early stopping at step %d: %s has not improved on step %d by more than %g in %d '
+                   'evaluations', stopping_early.stopped_at, stopping_early.metric,
+                   stopping_early.best_step, stopping_early.min_delta, stopping_early.waiting)
+    best = stopping_early.summary(self.ckpt.directory)
+    if best:
+      logging.info('Best checkpoint: step %d (%s %.4f), %s; select it with --ckpt %s%s',
+                   stopping_early.best_step, stopping_early.metric, stopping_early.best_value,
+                   best['best_checkpoint'], self.workdir, params_lib.BEST)
     if self.primary:
-      workdir_lib.write_json(os.path.join(self.workdir, 'final_metrics.json'), {'step': step, **self.last})
+      workdir_lib.write_json(os.path.join(self.workdir, 'final_metrics.json'),
+                             {'step': step, **self.last, **best})
     return self.last
 
 

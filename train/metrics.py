@@ -47,15 +47,6 @@ def format_line(step: int, total: int, m: dict[str, float]) -> str:
   return ' | '.join(parts)
 
 
-def format_eval(m: dict[str, float]) -> str:
-  """The log line of one evaluation: language modeling or preference pairs."""
-  if 'eval_pairs' in m:
-    return (f"loss {m['eval_loss']:.4f} | preference accuracy {100 * m['eval_rewards/accuracies']:.1f}% "
-            f"| margin {m['eval_rewards/margins']:.3f} | {m['eval_pairs']:.0f} pairs")
-  return (f"loss {m['eval_loss']:.4f} | perplexity {m['eval_perplexity']:.2f} | "
-          f"{m['eval_tokens']:.0f} tokens")
-
-
 class JsonlLog:
   """One JSON record per line. Appended to locally; on object stores, where appending is impossible,
   the whole file is rewritten at most every `rewrite_every_s` seconds and on close."""

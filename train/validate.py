@@ -68,6 +68,17 @@ def check(config: Any, model: ModelConfig, num_devices: int, tokenizer_vocab: in
   for key in ('eval_every', 'eval_max_batches', 'loss_chunk_len'):
     if train[key] < 0:
       errors.append(f'train.{key} must be >= 0, got {train[key]}')
+  generation, stopping = config.eval.generation, train.early_stopping
+  for key in ('num_prompts', 'max_new_tokens', 'batch_size'):
+    if generation[key] <= 0:
+      errors.append(f'eval.generation.{key} must be positive, got {generation[key]}')
+  if generation.every_steps < 0:
+    errors.append(f'eval.generation.every_steps must be >= 0, got {generation.every_steps}')
+  if stopping.mode not in ('', 'min', 'max'):
+    errors.append(f"train.early_stopping.mode must be '', 'min' or 'max', got {stopping.mode!r}")
+  if stopping.patience < 0 or stopping.min_delta < 0:
+    errors.append(f'train.early_stopping.patience and min_delta must be >= 0, got {stopping.patience} '
+                  f'and {stopping.min_delta}')
   if config.checkpoint.every_steps <= 0 or config.checkpoint.keep <= 0:
     errors.append(f'checkpoint.every_steps and checkpoint.keep must be positive, got '
                   f'{config.checkpoint.every_steps} and {config.checkpoint.keep}')

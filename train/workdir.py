@@ -13,12 +13,12 @@ from etils import epath
 from model.params import is_remote
 from train import validate
 
-# Keys a resumed run may change: how long to train, how often to log/eval/save, and the mesh (a
-# checkpoint restores onto any mesh). Everything else changes the run itself.
+# Keys a resumed run may change: how long to train, how often and how to log/eval/save (early stopping
+# included), and the mesh (a checkpoint restores onto any mesh). Everything else changes the run itself.
 RESUME_MAY_CHANGE = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_at_start',
                      'train.eval_max_batches', 'train.override_workdir_config',
-                     'train.max_consecutive_skips', 'checkpoint.', 'mesh.', 'distributed.',
-                     'init_from', 'logging.')
+                     'train.max_consecutive_skips', 'train.early_stopping.', 'eval.', 'checkpoint.',
+                     'mesh.', 'distributed.', 'init_from', 'logging.')
 
 
 def _flatten(tree, prefix=''):
