@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
       # The loss computes float32 logits for this many positions at a time (0: the whole sequence at
       # once); for a 128k vocabulary the logits are the largest activation of the step.
       loss_chunk_len=1024,
+      # 'lm': next-token cross-entropy on the targets with loss weight (pretraining, instruction
+      # tuning); 'dpo': a preference loss over pairs (train.dpo; the `dpo` section below).
+      objective='lm',
       # Stop when an evaluated value stops improving, and keep its best checkpoint (train/evaluation.py):
       # metric '' (off), eval_loss, eval_perplexity or eval_<task metric of eval.generation>; mode
       # '' (min for loss and perplexity, max for task metrics), min or max; patience: evaluations
@@ -74,6 +77,15 @@ def get_config() -> ml_collections.ConfigDict:
   # LoRA / QLoRA (model/lora.py): rank 0 trains every parameter; rank > 0 trains low-rank adapters on
   # `targets` over the frozen init_from model, held in `base_dtype` ('': model.param_dtype; int8, nf4).
   c.lora = ml_collections.ConfigDict(dataclasses.asdict(LoraConfig()))
+
+  # Preference tuning (train.dpo, train.objective='dpo'; train/step.py `Preference`): the loss
+  # (sigmoid: DPO, with label_smoothing conservative DPO; robust; ipo; simpo: reference-free, with
+  # simpo_gamma), beta, sft_weight (> 0: plus that times the chosen answers' mean negative
+  # log-likelihood, RPO), and where the frozen reference model's log-probabilities come from:
+  # 'precompute' (one pass over the data before training, kept in the workdir) or 'step' (computed in
+  # every step; the full-model case holds a second copy of the weights). docs/benchmarks.md compares them.
+  c.dpo = ml_collections.ConfigDict(dict(loss='sigmoid', beta=0.1, label_smoothing=0.0, simpo_gamma=0.5,
+                                         sft_weight=0.0, reference='precompute'))
 
   # Metrics always go to <workdir>/metrics.jsonl and TensorBoard; set a project to also use W&B.
   c.logging = ml_collections.ConfigDict(dict(wandb_project='', wandb_entity=''))

@@ -7,6 +7,8 @@ A config file made with `make` takes options after a colon, comma-separated:
   --config=configs/llama2_7b.py:v4-8,sft   instruction tuning, settings that fit a v4-8
   --config=configs/llama3_8b.py:v6e-1,sft,lora   LoRA instruction tuning on one v6e chip
   --config=configs/llama3_8b.py:v5e-1,sft,lora   QLoRA (nf4 base) on one v5e chip
+  --config=configs/llama3_8b.py:v5p-8,dpo        preference tuning (DPO, train.dpo) of every weight
+  --config=configs/llama3_8b.py:v6e-1,dpo,lora   DPO of LoRA adapters (reference: the base, adapters off)
 
 Every slice's settings (mesh, batch, rematerialisation, dtypes) were checked by compiling both steps
 for that slice with `python -m train.compile`; docs/benchmarks.md has the per-chip memory of each.
@@ -22,6 +24,9 @@ from configs import default
 SFT = dict(lr=2e-5, warmup_steps=100, weight_decay=0.0, min_lr_ratio=0.0, steps=3000)
 # LoRA trains ~0.5% of the parameters, at a higher learning rate (the QLoRA paper's 2e-4 for 7B).
 LORA = dict(rank=16, alpha=32.0, dropout=0.0, lr=2e-4)
+# Preference tuning starts from an instruction-tuned model, at the small learning rates of the DPO
+# paper and Zephyr (5e-7 for every weight; LoRA adapters 5e-6), for a few epochs of pairs.
+DPO = dict(lr=5e-7, lora_lr=5e-6, warmup_steps=100, steps=2000)
 
 # Slices for LoRA / QLoRA fine-tuning of a 7-8B model (option 'lora'), the same for each of them: the
 # frozen base in bfloat16 (one v6e chip, 32 GiB; or FSDP over a v5e-4) or in nf4 (one v5e chip,
@@ -42,9 +47,9 @@ def make(preset: str, slices: dict[str, dict[str, Any]], options: str, chat_temp
   lora = 'lora' in opts
   if lora:
     slices, default_slice = LORA_SLICES, 'v6e-1'
-  unknown = [o for o in opts if o not in ('sft', 'lora') and o not in slices]
+  unknown = [o for o in opts if o not in ('sft', 'dpo', 'lora') and o not in slices]
   if unknown:
-    raise ValueError(f'Unknown config option(s) {unknown}; known: sft, lora, {", ".join(slices)}'
+    raise ValueError(f'Unknown config option(s) {unknown}; known: sft, dpo, lora, {", ".join(slices)}'
                      + (' (the slices for lora)' if lora else ''))
   chosen = [o for o in opts if o in slices]
   settings = slices[chosen[-1] if chosen else default_slice]
@@ -61,7 +66,7 @@ def make(preset: str, slices: dict[str, dict[str, Any]], options: str, chat_temp
   c.optimizer.update(dict(lr=3e-4, warmup_steps=2000, state_dtype=settings.get('state_dtype', '')))
   c.checkpoint.update(dict(every_steps=1000, keep=3))
   c.data.format = 'jsonl'
-  if 'sft' in opts:
+  if 'sft' in opts or 'dpo' in opts:
     c.init_from = ''
     c.train.update(dict(steps=SFT['steps'], eval_every=200))
     c.optimizer.update(dict(lr=SFT['lr'], warmup_steps=SFT['warmup_steps'],
@@ -73,4 +78,8 @@ def make(preset: str, slices: dict[str, dict[str, Any]], options: str, chat_temp
     c.lora.update(dict(rank=LORA['rank'], alpha=LORA['alpha'], dropout=LORA['dropout'],
                        base_dtype=settings['base_dtype']))
     c.optimizer.update(dict(lr=LORA['lr'], weight_decay=0.0))
+  if 'dpo' in opts:
+    c.train.update(dict(objective='dpo', steps=DPO['steps']))
+    c.optimizer.update(dict(lr=DPO['lora_lr'] if lora else DPO['lr'], warmup_steps=DPO['warmup_steps']))
+    c.data.format = 'preference'
   return c

@@ -273,13 +273,13 @@ class ChatTemplate:
       raise ChatFormatError(f'chat template {self.name} renders nothing for assistant message {i}')
     return len(prompt), len(upto)
 
-  def _example(self, messages, every_turn: bool) -> Example:
+  def _example(self, messages, first: int = 0) -> Example:
+    """The example of `messages`, trained on its assistant messages from index `first` on."""
     marked = _mark(messages, self._pattern)
     text, spans = self._render(marked, add_generation_prompt=False)
-    if self.has_generation_blocks:
-      return self._tokens(text, spans if every_turn else spans[-1:])
-    turns = [i for i, m in enumerate(messages) if m['role'] == 'assistant']
-    turns = turns if every_turn else turns[-1:]
+    turns = [i for i, m in enumerate(messages) if m['role'] == 'assistant' and i >= first]
+    if self.has_generation_blocks:  # a block per assistant message: the last len(turns) are trained
+      return self._tokens(text, spans if first == 0 else spans[len(spans) - len(turns):] if turns else [])
     return self._tokens(text, [self._turn_span(marked, text, i) for i in turns], up_to_special=True)
 
   def examples(self, messages: Sequence[dict]) -> list[Example]:
@@ -288,8 +288,13 @@ class ChatTemplate:
     messages = check_messages(messages)
     turns = [i for i, m in enumerate(messages) if m['role'] == 'assistant']
     if not self.per_turn or not turns:
-      return [self._example(messages, every_turn=True)]
-    return [self._example(messages[:i + 1], every_turn=False) for i in turns]
+      return [self._example(messages)]
+    return [self._example(messages[:i + 1], first=i) for i in turns]
+
+  def completion_example(self, prompt: Sequence[dict], completion: Sequence[dict]) -> Example:
+    """`prompt` followed by `completion` as one example, trained on the assistant messages of the
+    completion only (not on earlier answers in the prompt): one side of a preference pair."""
+    return self._example(check_messages(list(prompt) + list(completion)), first=len(prompt))
 
   def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
     """Token ids for generation: the conversation up to its last user message, then the generation
@@ -307,7 +312,7 @@ class ChatTemplate:
     turn: <|eot_id|>, <|im_end|>, </s>), and EOS."""
     probe = [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello'}]
     try:
-      example = self._example(probe, every_turn=True)
+      example = self._example(probe)
     except ChatFormatError as e:
       logging.warning('Chat template %s: cannot tell its end-of-turn tokens (%s); stopping at EOS',
                       self.name, e)

@@ -13,13 +13,16 @@ from ml_collections import config_dict
 PRETRAIN_FORMATS = ('lines', 'files', 'jsonl', 'parquet', 'tfds', 'synthetic')
 # Instruction tuning records (data/sft.py), in JSON/JSONL files or, named *.parquet, Parquet files.
 SFT_FORMATS = ('alpaca', 'chat', 'prompt_completion')
+# Preference pairs (data/preference.py: prompt, chosen, rejected), for train.dpo; files as for SFT.
+PREFERENCE_FORMATS = ('preference',)
 UTF8_POLICIES = ('error', 'replace')
 OVERLONG_POLICIES = ('truncate', 'drop')
 
 
 def get_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      format='jsonl',        # pretraining: lines | files | jsonl | parquet | tfds | synthetic; SFT: see SFT_FORMATS
+      format='jsonl',        # pretraining: lines | files | jsonl | parquet | tfds | synthetic; SFT: see
+                             # SFT_FORMATS; preference tuning (train.dpo): preference
       train_files='',        # comma-separated paths or globs, local or gs://
       eval_files='',
       text_field='text',     # JSONL field / Parquet column / TFDS feature holding the text
@@ -45,9 +48,13 @@ def get_config() -> ml_collections.ConfigDict:
       chat_per_turn=False,     # one example per assistant message (templates that re-render earlier turns)
       fields=ml_collections.ConfigDict(dict(  # field names in the records
           instruction='instruction', input='input', output='output', messages='messages',
-          role='role', content='content', prompt='prompt', completion='completion')),
-      packing=True,          # several examples per row; False: one example per row, padded
+          role='role', content='content', prompt='prompt', completion='completion',
+          chosen='chosen', rejected='rejected')),
+      packing=True,          # several examples (preference pairs) per row; False: one per row, padded
       overlong='truncate',   # examples longer than seq_len: truncate | drop (counted either way)
+      # Preference pairs: a longer prompt is cut to its last max_prompt_len tokens (overlong='truncate')
+      # or its pair dropped ('drop'), counted either way; 0: only seq_len limits a pair.
+      max_prompt_len=0,
       eval_fraction=0.0,     # without eval_files, hold out this share of train records
       # Weighted sources instead of train_files/eval_files: {name: source(weight, ...)} (data/mixture.py).
       mixture=ml_collections.ConfigDict(),
@@ -58,7 +65,8 @@ def get_config() -> ml_collections.ConfigDict:
 # add_bos/eos) belong to the whole pipeline.
 SOURCE_KEYS = ('format', 'train_files', 'eval_files', 'text_field', 'tfds_name', 'tfds_data_dir',
                'tfds_train_split', 'tfds_eval_split', 'shuffle_buffer', 'invalid_utf8',
-               'max_record_bytes', 'skip_bad_records', 'fields', 'overlong', 'eval_fraction')
+               'max_record_bytes', 'skip_bad_records', 'fields', 'overlong', 'eval_fraction',
+               'max_prompt_len')
 
 
 def source(weight: float, **keys: Any) -> ml_collections.ConfigDict:

@@ -8,8 +8,11 @@ share of documents, chosen by a hash of their name, is held out for evaluation.
 With --sft_out it also writes an instruction set whose answers can be checked: questions about
 sentences of the corpus ("What is the last word of this sentence?"), each with one correct answer.
 Training questions come from training documents, held-out questions from held-out documents.
+With --preference_out it also writes preference pairs of the same questions (TRL's prompt, chosen,
+rejected): the correct answer chosen, a wrong one (another word of the sentence, a count off by one
+to three) rejected, from other sentences than the instruction set's (another seed).
 
-  python -m data.demo_corpus --out demo/data --sft_out demo/sft_data
+  python -m data.demo_corpus --out demo/data --sft_out demo/sft_data --preference_out demo/dpo_data
 """
 
 import ast
@@ -134,12 +137,37 @@ def instruction_examples(corpus_file: str, n: int, seed: int) -> list[dict]:
   return examples
 
 
-def write_instruction_task(corpus_dir: str, out_dir: str, n_train: int, n_eval: int) -> dict[str, int]:
-  """Writes train.jsonl and eval.jsonl in the chat format (plus a "task" field per record)."""
+def wrong_answer(task: str, words: list[str], rng: random.Random) -> str:
+  """A plausible wrong answer: another word of the sentence, or a count off by one to three."""
+  right = QUESTIONS[task][1](words)
+  if task == 'word_count':
+    return str(len(words) + rng.choice([-3, -2, -1, 1, 2, 3]))
+  return rng.choice([w for w in words if w != right])
+
+
+def preference_pairs(corpus_file: str, n: int, seed: int) -> list[dict]:
+  """Preference pairs of the instruction questions: the correct answer chosen, a wrong one rejected."""
+  rng = random.Random(seed)
+  pairs = []
+  for example in instruction_examples(corpus_file, n, seed):
+    user, answer = example['messages']
+    words = user['content'].split('\n', 1)[1].split()
+    if len(set(words)) < 2:  # no other word to reject
+      continue
+    pairs.append({'task': example['task'], 'prompt': [user],
+                  'chosen': [answer],
+                  'rejected': [{'role': 'assistant', 'content': wrong_answer(example['task'], words, rng)}]})
+  return pairs
+
+
+def write_instruction_task(corpus_dir: str, out_dir: str, n_train: int, n_eval: int,
+                           make=instruction_examples, seeds=(0, 1)) -> dict[str, int]:
+  """Writes train.jsonl and eval.jsonl in the chat format (plus a "task" field per record); with
+  `make=preference_pairs`, preference pairs."""
   os.makedirs(out_dir, exist_ok=True)
   counts = {}
-  for split, n, seed in (('train', n_train, 0), ('eval', n_eval, 1)):
-    examples = instruction_examples(os.path.join(corpus_dir, f'{split}.jsonl'), n, seed)
+  for split, n, seed in (('train', n_train, seeds[0]), ('eval', n_eval, seeds[1])):
+    examples = make(os.path.join(corpus_dir, f'{split}.jsonl'), n, seed)
     tmp = os.path.join(out_dir, f'{split}.jsonl.tmp')
     with open(tmp, 'w', encoding='utf-8') as f:
       f.writelines(json.dumps(e) + '\n' for e in examples)
@@ -156,6 +184,11 @@ def main(argv):
     counts = write_instruction_task(FLAGS.out, FLAGS.sft_out, FLAGS.sft_train_examples,
                                     FLAGS.sft_eval_examples)
     print(f"Wrote {counts['train']} train and {counts['eval']} held-out questions to {FLAGS.sft_out}/")
+  if FLAGS.preference_out:
+    counts = write_instruction_task(FLAGS.out, FLAGS.preference_out, FLAGS.preference_train_pairs,
+                                    FLAGS.preference_eval_pairs, preference_pairs, seeds=(2, 3))
+    print(f"Wrote {counts['train']} train and {counts['eval']} held-out preference pairs to "
+          f"{FLAGS.preference_out}/")
 
 
 def _define_flags():
@@ -167,6 +200,11 @@ def _define_flags():
   flags.DEFINE_string('sft_out', '', 'If set, also write the instruction set here.')
   flags.DEFINE_integer('sft_train_examples', 6000, 'Training questions to write.', lower_bound=1)
   flags.DEFINE_integer('sft_eval_examples', 150, 'Held-out questions to write.', lower_bound=1)
+  flags.DEFINE_string('preference_out', '', 'If set, also write preference pairs here.')
+  flags.DEFINE_integer('preference_train_pairs', 3000, 'Training preference pairs to write.',
+                       lower_bound=1)
+  flags.DEFINE_integer('preference_eval_pairs', 150, 'Held-out preference pairs to write.',
+                       lower_bound=1)
 
 
 if __name__ == '__main__':

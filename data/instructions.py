@@ -20,9 +20,12 @@ from data.config import SFT_FORMATS
 from data.files import open_parquet, one_line, resolve_files
 from data.records import BadRecord
 
-# The fields (keys of config.data.fields) that each format reads; alpaca's `input` may be missing.
+# The fields (keys of config.data.fields) that each format reads (preference pairs: data/preference.py),
+# and those that may be missing.
 FORMAT_FIELDS = {'alpaca': ('instruction', 'input', 'output'), 'chat': ('messages',),
-                 'prompt_completion': ('prompt', 'completion')}
+                 'prompt_completion': ('prompt', 'completion'),
+                 'preference': ('prompt', 'chosen', 'rejected')}
+OPTIONAL_FIELDS = {'alpaca': ('input',), 'preference': ('prompt',)}
 
 
 def _parquet_records(path: str, fmt: str, fields: Any) -> Iterator[tuple[str, Any]]:
@@ -30,7 +33,8 @@ def _parquet_records(path: str, fmt: str, fields: Any) -> Iterator[tuple[str, An
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   with open_parquet(path) as parquet:
     names = parquet.schema_arrow.names
-    missing = [f for f in FORMAT_FIELDS[fmt] if fields[f] not in names and f != 'input']
+    missing = [f for f in FORMAT_FIELDS[fmt]
+               if fields[f] not in names and f not in OPTIONAL_FIELDS.get(fmt, ())]
     if missing:
       raise BadRecord(f'{path}: no column {fields[missing[0]]!r} (config.data.fields.{missing[0]}); '
                       f'columns: {names}')

@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from data import packing
-from data.config import PRETRAIN_FORMATS, SFT_FORMATS, SOURCE_KEYS
+from data.config import PREFERENCE_FORMATS, PRETRAIN_FORMATS, SFT_FORMATS, SOURCE_KEYS
 from data.iterator import DatasetIterator
 
 # Keys a source never takes from `data`: which data is read.
@@ -56,7 +56,7 @@ def sources(data: Any) -> list[Source]:
     if data[key]:
       raise ValueError(f'config.data.{key} must be empty when config.data.mixture is set: each source '
                        f'names its own (config.data.mixture.<name>.{key})')
-  family = SFT_FORMATS if data.format in SFT_FORMATS else PRETRAIN_FORMATS
+  family = next((f for f in (SFT_FORMATS, PREFERENCE_FORMATS) if data.format in f), PRETRAIN_FORMATS)
   found = []
   for name in sorted(data.mixture):
     spec, where = data.mixture[name], f'config.data.mixture.{name}'

@@ -64,15 +64,19 @@ def concat_and_split(chunks: tf.data.Dataset, seq_len: int, flush: bool) -> tf.d
   return chunks.scan(_empty_row(), cut).unbatch()
 
 
-def _empty_row():
-  return {k: tf.zeros([0], tf.int32) for k in ROW_KEYS}
+def _empty_row(spec=None):
+  """A row of no tokens, with the keys and dtypes of `spec` (a row dataset's element_spec)."""
+  if spec is None:
+    return {k: tf.zeros([0], tf.int32) for k in ROW_KEYS}
+  return {k: tf.zeros([0], s.dtype) for k, s in spec.items()}
 
 
 def _mark_last(ds: tf.data.Dataset, flush: bool) -> tf.data.Dataset:
   """(element, False) for each element, then, with `flush`, one empty (element, True) sentinel."""
+  empty = _empty_row(ds.element_spec)
   ds = ds.map(lambda x: (x, False))
   if flush:
-    ds = ds.concatenate(tf.data.Dataset.from_tensors((_empty_row(), True)))
+    ds = ds.concatenate(tf.data.Dataset.from_tensors((empty, True)))
   return ds
 
 
@@ -93,15 +97,18 @@ def pad_rows(rows: tf.data.Dataset, seq_len: int) -> tf.data.Dataset:
 def pack_examples(rows: tf.data.Dataset, seq_len: int, flush: bool) -> tf.data.Dataset:
   """Greedy packing of whole examples (rows from `example_rows`, each at most `seq_len` long) into
   rows of `seq_len`: an example that does not fit in the current row starts the next one. Rows come
-  out padded. With `flush`, the last partial row of a finite stream is kept.
+  out padded. With `flush`, the last partial row of a finite stream is kept. Per-token keys besides
+  ROW_KEYS (those of preference pairs) are packed alongside.
   """
+  keys = list(rows.element_spec)
+
   def add(carry, row_and_is_last):
     row, is_last = row_and_is_last
     used, incoming = tf.shape(carry['tokens'])[0], tf.shape(row['tokens'])[0]
     emit = (used > 0) & ((used + incoming > seq_len) | is_last)
-    joined = {k: tf.concat([carry[k], row[k]], 0) for k in ROW_KEYS}
-    out = {k: tf.pad(carry[k], [[0, seq_len - used]]) for k in ROW_KEYS}
-    new_carry = {k: tf.cond(emit & ~is_last, lambda k=k: row[k], lambda k=k: joined[k]) for k in ROW_KEYS}
+    joined = {k: tf.concat([carry[k], row[k]], 0) for k in keys}
+    out = {k: tf.pad(carry[k], [[0, seq_len - used]]) for k in keys}
+    new_carry = {k: tf.cond(emit & ~is_last, lambda k=k: row[k], lambda k=k: joined[k]) for k in keys}
     return new_carry, (out, emit)
 
   def is_emitted(row, emit):
@@ -112,7 +119,7 @@ def pack_examples(rows: tf.data.Dataset, seq_len: int, flush: bool) -> tf.data.D
     del emit
     return row
 
-  return _mark_last(rows, flush).scan(_empty_row(), add).filter(is_emitted).map(drop_flag)
+  return _mark_last(rows, flush).scan(_empty_row(rows.element_spec), add).filter(is_emitted).map(drop_flag)
 
 
 def row_features(rows: dict[str, tf.Tensor], pad_id: int = 0) -> dict[str, tf.Tensor]:

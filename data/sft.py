@@ -7,7 +7,7 @@ skipped and counted instead. Several instruction sets with weights: data/mixture
 """
 
 import hashlib
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -80,32 +80,24 @@ class SFTData:
     """(examples, held-out examples, held-out records as (where, messages)) of one source; for 'eval'
     every record is held out, for 'train' the share `eval_fraction` (without eval_files)."""
     examples, held_out, conversations = [], [], []
-    for path in resolve_files(patterns):
-      for where, record in read_records(path, cfg, self.counts):
-        error = record if isinstance(record, BadRecord) else None  # already names its place
-        if error is None:
-          try:
-            messages = to_messages(record, cfg.format, cfg.fields)
-            rendered = self.template.examples(messages)
-          except (BadRecord, chat.ChatFormatError) as e:
-            error = BadRecord(f'{where}: {e}')
-        if error is not None:
-          if not cfg.skip_bad_records:
-            raise error
-          self.counts.add(f'{split}_skipped_bad_records')
-          logging.warning('Skipping %s', error)
+
+    def render(record):
+      messages = to_messages(record, cfg.format, cfg.fields)
+      return messages, self.template.examples(messages)
+
+    for where, (messages, rendered) in parsed_records(patterns, cfg, self.counts, split, render):
+      is_held_out = split == 'eval' or (not cfg.eval_files
+                                        and in_held_out_share(where, cfg.eval_fraction))
+      if is_held_out:
+        conversations.append((where, messages))
+      for rendered_example in rendered:
+        if not any(rendered_example.mask):  # nothing to learn: no assistant message
+          self.counts.add(f'{split}_empty_mask')
           continue
-        is_held_out = split == 'eval' or (not cfg.eval_files and _held_out(where, cfg.eval_fraction))
-        if is_held_out:
-          conversations.append((where, messages))
-        for rendered_example in rendered:
-          if not any(rendered_example.mask):  # nothing to learn: no assistant message
-            self.counts.add(f'{split}_empty_mask')
-            continue
-          example = self._fit(rendered_example.ids, rendered_example.mask, split, cfg.overlong)
-          if example is None:
-            continue
-          (held_out if split == 'train' and is_held_out else examples).append(example)
+        example = self._fit(rendered_example.ids, rendered_example.mask, split, cfg.overlong)
+        if example is None:
+          continue
+        (held_out if split == 'train' and is_held_out else examples).append(example)
     return examples, held_out, conversations
 
   def _fit(self, ids, mask, split, overlong):
@@ -164,7 +156,29 @@ class SFTData:
     return [pad_batch(b, batch_size) for b in mixture.Iterator(ds)]
 
 
-def _held_out(where: str, fraction: float) -> bool:
+def parsed_records(patterns: str, cfg: Any, counts: records.Counters, split: str,
+                   parse: Callable[[Any], Any]) -> Iterator[tuple[str, Any]]:
+  """(location, parse(record)) for each record of the files `patterns` names. A bad record (unreadable,
+  or one `parse` rejects with BadRecord or ChatFormatError) raises, naming its file and line, or with
+  `cfg.skip_bad_records` is skipped and counted."""
+  for path in resolve_files(patterns):
+    for where, record in read_records(path, cfg, counts):
+      error = record if isinstance(record, BadRecord) else None  # already names its place
+      if error is None:
+        try:
+          parsed = parse(record)
+        except (BadRecord, chat.ChatFormatError) as e:
+          error = BadRecord(f'{where}: {e}')
+      if error is not None:
+        if not cfg.skip_bad_records:
+          raise error
+        counts.add(f'{split}_skipped_bad_records')
+        logging.warning('Skipping %s', error)
+        continue
+      yield where, parsed
+
+
+def in_held_out_share(where: str, fraction: float) -> bool:
   """A fixed pseudo-random share of records, by file name and line (not by folder)."""
   key = where.rsplit('/', 1)[-1].encode()
   return fraction > 0 and int(hashlib.sha256(key).hexdigest(), 16) % 10_000 < fraction * 10_000

@@ -7,7 +7,7 @@ arithmetic token sequences: learnable, so a falling loss shows that training wor
 
 import numpy as np
 
-from data.batch import BATCH_KEYS
+from data.batch import BATCH_KEYS, batch_keys
 
 
 def synthetic_global_batch(seed: int, step: int, batch_size: int, seq_len: int, vocab_size: int,
@@ -35,6 +35,32 @@ def synthetic_global_batch(seed: int, step: int, batch_size: int, seq_len: int, 
       'loss_weights': same_next,
   }
   return {k: batch[k].astype(dtype) for k, dtype in BATCH_KEYS.items()}
+
+
+def synthetic_preference_batch(seed: int, step: int, batch_size: int, seq_len: int, vocab_size: int,
+                               reference: bool = False, pairs_per_row: int = 2) -> dict[str, np.ndarray]:
+  """Preference pairs in the layout of data/preference.py, for benchmarks and compiles: each row holds
+  `pairs_per_row` pairs of two equal segments (chosen, rejected) of random tokens, the second half of
+  each segment its completion; with `reference`, made-up reference log-probabilities."""
+  rng = np.random.default_rng([seed, step])
+  segment_len = seq_len // (2 * pairs_per_row)
+  index = np.arange(seq_len)
+  segment = np.where(index < 2 * pairs_per_row * segment_len, index // segment_len + 1, 0)
+  positions = np.where(segment > 0, index % segment_len, 0)
+  tokens = rng.integers(3, vocab_size, size=(batch_size, seq_len))
+  completion = (positions >= segment_len // 2 - 1) & (positions < segment_len - 1) & (segment > 0)
+  batch = {
+      'inputs': tokens,
+      'targets': np.concatenate([tokens[:, 1:], np.zeros((batch_size, 1), tokens.dtype)], 1),
+      'segment_ids': np.broadcast_to(segment, (batch_size, seq_len)),
+      'positions': np.broadcast_to(positions, (batch_size, seq_len)),
+      'loss_weights': np.broadcast_to(completion, (batch_size, seq_len)),
+      'pair_ids': np.broadcast_to((segment + 1) // 2, (batch_size, seq_len)),
+      'chosen': np.broadcast_to(segment % 2 == 1, (batch_size, seq_len)),
+      'ref_logps': np.where((positions == 0) & (segment > 0),
+                            -rng.uniform(1, 10, size=(batch_size, seq_len)) * segment_len, 0),
+  }
+  return {k: batch[k].astype(dtype) for k, dtype in batch_keys(True, reference).items()}
 
 
 class SyntheticIterator:

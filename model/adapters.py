@@ -41,11 +41,15 @@ def reference(base_path, fingerprint_: dict[str, int], lora: LoraConfig) -> dict
           'fingerprint': fingerprint_}
 
 
+def differing(fingerprint_: dict[str, int], expected: dict[str, int]) -> list[str]:
+  """The parameters whose fingerprints differ (or that only one side has), sorted."""
+  return sorted(k for k in set(fingerprint_) | set(expected) if fingerprint_.get(k) != expected.get(k))
+
+
 def check_base(ref: dict, fingerprint_: dict[str, int], where: str):
   """Raises unless the base just loaded is the one the adapters at `where` were trained on."""
-  if fingerprint_ != ref['fingerprint']:
-    differ = sorted(k for k in set(fingerprint_) | set(ref['fingerprint'])
-                    if fingerprint_.get(k) != ref['fingerprint'].get(k))
+  differ = differing(fingerprint_, ref['fingerprint'])
+  if differ:
     raise ValueError(f'{where}: its LoRA adapters were trained on the base model at {ref["base"]}, '
                      f'but that checkpoint now holds different weights ({len(differ)} parameter(s) '
                      f'differ, e.g. {differ[:3]}); the adapters would compute something else on it. '

@@ -129,6 +129,22 @@ def test_command_line():
   assert 'fits' in ok.stdout and 'of 16.00 GiB HBM' in ok.stdout
 
 
+def test_dpo_step_compiles_with_the_reference_in_the_state():
+  """The preference step compiles for TPU; with the reference model in the step (no LoRA), the state
+  holds a frozen copy of the parameters besides the params and two Adam moments."""
+  config = compile_lib.load_config('configs/dpo_tiny.py')
+  config.init_from = ''
+  config.dpo.reference = 'step'
+  r = compile_lib.compile_step(config, compile_lib.parse_topology('v5e-4'),
+                               compile_lib.step_name(config))
+  assert r.fits, r.summary()
+  assert r.state == pytest.approx(4 * 4 * 1_311_872 / 4, rel=0.01)
+  assert r.summary().startswith('DPO step (sigmoid loss, reference log-probabilities in the step)')
+  assert compile_lib.sft_variant('configs/llama3_8b.py:v5p-8,dpo') is None
+  dpo = compile_lib.load_config('configs/llama3_8b.py:v6e-1,dpo,lora')
+  assert (dpo.train.objective, dpo.data.format, dpo.lora.rank) == ('dpo', 'preference', 16)
+
+
 def test_every_config_file_and_slice_loads_and_validates():
   """Each configs/*.py (and each of its slice and 'sft' options) builds a valid model and passes the
   checks the training loop makes, on the chips of its slice (one device for the others)."""
@@ -143,10 +159,10 @@ def test_every_config_file_and_slice_loads_and_validates():
     slices = getattr(compile_lib._config_module(path), 'SLICES', {})  # pylint: disable=protected-access
     variants = [(path, 4 if slices else 1)]  # the slice configs default to v5p-8: 4 chips
     variants += [(f'{path}:{o}', compile_lib.parse_topology(s).num_chips)
-                 for s in slices for o in (s, f'{s},sft')]
+                 for s in slices for o in (s, f'{s},sft', f'{s},dpo')]
     if slices:  # the 7-8B configs: LoRA and QLoRA slices too
-      variants += [(f'{path}:{s},sft,lora', compile_lib.parse_topology(s).num_chips)
-                   for s in scale.LORA_SLICES]
+      variants += [(f'{path}:{s},{o},lora', compile_lib.parse_topology(s).num_chips)
+                   for s in scale.LORA_SLICES for o in ('sft', 'dpo')]
     for variant, chips in variants:
       config = compile_lib.load_config(variant)
       validate.check(config, ModelConfig.from_dict(config.model), chips,

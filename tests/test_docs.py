@@ -27,7 +27,7 @@ import shlex
 import subprocess
 import sys
 from concurrent import futures
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ('configs', 'data', 'model', 'train')  # modules of these packages are the project's

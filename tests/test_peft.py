@@ -21,6 +21,7 @@ from data.synthetic import SyntheticData
 from model import Transformer, adapters, convert
 from model import params as params_lib
 from tests.cli import run_cli
+from tests.hf_models import random_llama
 from train import checkpoint, loop
 
 VOCAB = 160
@@ -42,13 +43,7 @@ def _logits_ours(ckpt, tokens=TOKENS):
 def base(tmp_path_factory):
   """(transformers Llama with random weights, its folder, our import of it)."""
   root = tmp_path_factory.mktemp('peft')
-  torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5))
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      p.copy_(1 + 0.1 * torch.randn_like(p) if 'norm' in name else 0.1 * torch.randn_like(p))
+  model = random_llama(VOCAB)
   model.eval().save_pretrained(root / 'hf')
   convert.import_hf(str(root / 'hf'), str(root / 'ckpt'), 'float32', log=None)
   return model, str(root / 'hf'), str(root / 'ckpt')

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from model import params as params_lib
 from train import checkpoint, loop
 from train import run as run_lib
 from data.pretrain import PretrainData

@@ -4,12 +4,14 @@
   python -m train.benchmark --config=configs/small.py --steps 0 --config.model.n_layers=32  # compile
   python -m train.benchmark --config=configs/tiny.py --loglikelihood  # and lm-eval's scoring path
 
-The step is `Run(config).train_step()`, exactly what `train.pretrain` runs, fed with device-resident
-synthetic batches (numpy only, no TensorFlow), so the figures measure the step and nothing else.
+The step is `Run(config).train_step()`, exactly what `train.pretrain` runs (for a preference config,
+what `train.dpo` runs, on synthetic pairs), fed with device-resident synthetic batches (numpy only, no
+TensorFlow), so the figures measure the step and nothing else.
 MFU counts model FLOPs as MaxText does (train/metrics.py) against the chip's peak bf16 rate; on CPU,
 which has no published peak, against this machine's own measured matmul rate in the model's dtype.
 """
 
+import functools
 import json
 import resource
 import statistics
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from data.synthetic import synthetic_global_batch
+from data.synthetic import synthetic_global_batch, synthetic_preference_batch
 from model import attention as attention_lib
 from model import runtime, scoring
 from train import batches as batches_lib
@@ -73,7 +75,11 @@ def benchmark(config, steps: int = 10, warmup: int = 2) -> dict[str, float]:
   # feeds its own rows of them.
   shard, _, local = batches_lib.data_shard(run.batch_sharding, tcfg.batch_size)
   rows = slice(shard * local, (shard + 1) * local)
-  batches = [run.global_batch({k: v[rows] for k, v in synthetic_global_batch(
+  # Preference tuning: synthetic pairs (with the reference's log-probabilities when they are
+  # precomputed; else the step runs the reference model too).
+  make = (functools.partial(synthetic_preference_batch, reference=run.precomputed_reference)
+          if run.preference else synthetic_global_batch)
+  batches = [run.global_batch({k: v[rows] for k, v in make(
       tcfg.seed, i, tcfg.batch_size, tcfg.seq_len, cfg.vocab_size).items()}) for i in range(2)]
   jax.block_until_ready(batches)
 

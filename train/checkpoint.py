@@ -17,6 +17,7 @@ config (`params_from`); and `python -m train.checkpoint verify DIR`.
 
 import dataclasses
 import hashlib
+import json
 import os
 import tempfile
 import time
@@ -40,6 +41,9 @@ from model.lora import LoraConfig
 from train import validate
 
 DATA = 'data'  # the item holding each host's input position
+# Preference tuning with the reference model in the step (no LoRA): the item naming the checkpoint its
+# frozen starting parameters came from and their fingerprint, so that a resumed run reloads them.
+REFERENCE = 'reference'
 
 
 class DataStateHandler(ocp.CheckpointHandler):
@@ -106,6 +110,7 @@ class Checkpointer:
     self._model_config = model_config
     self._async = async_save
     self.lora_reference: dict | None = None  # LoRA: the base the adapters train on, saved with them
+    self.reference: dict | None = None  # preference tuning: the REFERENCE item, saved with every step
     remove_incomplete(self.directory)
     self._pinned = _Pinned(set())
     keeping = ocp.checkpoint_managers.AnyPreservationPolicy(
@@ -128,6 +133,8 @@ class Checkpointer:
     extra = {DATA: DataStateSave(data_state)} if data_state is not None else {}
     if self.lora_reference is not None:
       extra[params_lib.LORA] = ocp.args.JsonSave(self.lora_reference)
+    if self.reference is not None:
+      extra[REFERENCE] = ocp.args.JsonSave(self.reference)
     items = params_lib.step_items(ocp.args.StandardSave(_without_base(state)), self._model_config,
                                   **extra)
     self._saving = step  # for the commit callback; orbax saves one step at a time
@@ -174,6 +181,13 @@ class Checkpointer:
   def lora_reference_of(self, step: int) -> dict | None:
     return params_lib.load_lora_reference(self.directory / str(step))
 
+  def reference_of(self, step: int) -> dict:
+    meta = self.directory / str(step) / REFERENCE / 'metadata'
+    if not meta.exists():
+      raise validate.ConfigError(f'{self.directory}/{step} does not say where its reference model came '
+                                 'from (it was not written by a preference-tuning run)')
+    return json.loads(meta.read_text())
+
   def wait(self):
     """Waits for the save in flight. A save that failed in orbax's background threads raises here
     (CheckpointNotWritten, saying why), so that a run never ends as if its last checkpoint were
@@ -205,8 +219,11 @@ def _on_any_host(found: bool) -> bool:
 
 
 def _without_base(state):
-  """A train state as checkpoints hold it: without a LoRA run's frozen base (they refer to it)."""
-  return state.replace(frozen=None) if getattr(state, 'frozen', None) is not None else state
+  """A train state as checkpoints hold it: without a LoRA run's frozen base or a preference run's
+  reference model (they refer to them)."""
+  if not hasattr(state, 'frozen'):
+    return state
+  return state.replace(frozen=None, reference=None)
 
 
 def remove_incomplete(directory: epath.Path) -> list[str]:
@@ -263,11 +280,26 @@ def init_from_config(path) -> ModelConfig:
 
 @dataclasses.dataclass
 class Start:
-  """Where a fresh run starts: its trainable parameters (None: a random init), and with LoRA the frozen
-  base and the reference to it that every checkpoint of the run keeps."""
+  """Where a fresh run starts: its trainable parameters (None: a random init), with LoRA the frozen
+  base and the reference to it that every checkpoint of the run keeps, and for preference tuning with
+  the reference model in the state, the REFERENCE item of those starting parameters."""
   params: Any = None
   frozen: Any = None
   base: dict | None = None
+  reference: dict | None = None
+
+
+def load_reference(item: dict, run, where: str):
+  """The starting parameters a preference run's REFERENCE `item` names, checked against its
+  fingerprint."""
+  params = params_lib.load_params(item['path'], run.abstract_state().params)
+  differ = adapters_lib.differing(adapters_lib.fingerprint(params), item['fingerprint'])
+  if differ:
+    raise validate.ConfigError(
+        f'{where}: its reference model is the checkpoint at {item["path"]}, which now holds different '
+        f'weights ({len(differ)} parameter(s) differ, e.g. {differ[:3]}); the preference loss would '
+        'compare against another model. Restore that checkpoint, or start a new run.')
+  return params
 
 
 def params_from(path: str) -> Callable:
@@ -298,7 +330,10 @@ def params_from(path: str) -> Callable:
             f'config.lora to their settings ({ref["config"]}) to go on training them, or start from '
             'merged weights (python -m model.convert export, then import)')
       logging.info('Initialising parameters from %s', params_lib.resolve_step_dir(path))
-      return Start(params_lib.load_params(path, run.abstract_state().params))
+      params = params_lib.load_params(path, run.abstract_state().params)
+      reference = ({'path': str(params_lib.resolve_step_dir(path)),
+                    'fingerprint': adapters_lib.fingerprint(params)} if run.reference_in_state else None)
+      return Start(params, reference=reference)
     base = path if ref is None else ref['base']
     if ref is not None:
       _check_same_adapters(LoraConfig.from_dict(ref['config']), run.lora, path)

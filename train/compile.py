@@ -4,7 +4,8 @@ whether they fit in HBM.
   python -m train.compile --config=configs/llama2_7b.py:v5p-8 --topology=v5p-8 [--config.key=value ...]
 
 When the config file has an SFT variant (`get_config('...,sft')`, e.g. configs/llama2_7b.py), its step
-is compiled too, with the same command-line overrides. Per chip, the compiler's memory figures
+is compiled too, with the same command-line overrides; a preference-tuning config (option `dpo`, e.g.
+`configs/llama3_8b.py:v5p-8,dpo`) compiles its DPO step alone. Per chip, the compiler's memory figures
 (arguments, outputs, temporaries) are printed against the chip's HBM (train/topology.py); a step that
 does not fit exits with status 1 and a message naming the settings to change.
 """

@@ -1,4 +1,4 @@
-"""The training loop shared by `train.pretrain` and `train.sft`.
+"""The training loop shared by `train.pretrain`, `train.sft` and `train.dpo`.
 
 workdir lock -> config -> Run (mesh, model, optimizer) -> state (fresh, from `init_params`, or resumed
 from the workdir's newest intact checkpoint) -> jitted step over the host's batches -> periodic eval,
@@ -9,7 +9,6 @@ jax.distributed, host memory) and ending (model/runtime.py) are the entry point'
 """
 
 import json
-import math
 import os
 import time
 from typing import Any, Callable, Protocol
@@ -19,7 +18,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from data.batch import empty_batch
+from data.batch import empty_like
 from data.records import BadRecord
 from model import adapters as adapters_lib
 from model import checksums
@@ -46,16 +45,14 @@ class DataSource(Protocol):
     """This host's held-out batches (possibly none)."""
 
 
-def evaluate(run: Run, eval_step, params, batches) -> dict[str, float]:
-  """Loss and perplexity over the held-out batches of every host."""
+def evaluate(run: Run, eval_step, state, batches) -> dict[str, float]:
+  """The objective's held-out results (loss and perplexity; for preference tuning, loss and
+  preference accuracy) over the held-out batches of every host."""
   totals = None
   for batch in batches:
-    sums = eval_step(params, run.global_batch(batch))
+    sums = eval_step(state, run.global_batch(batch))
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-  totals = jax.device_get(totals)
-  loss = float(totals['ce'] / max(totals['weight'], 1.0))
-  return {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 50.0)),
-          'eval_tokens': float(totals['weight'])}
+  return run.objective.eval_results(jax.device_get(totals))
 
 
 def _equalize_eval_batches(batches):
@@ -66,7 +63,7 @@ def _equalize_eval_batches(batches):
   if len(batches) < count:
     if not batches:
       raise ValueError('This host has no eval data while others do; give every host some eval data')
-    batches = batches + [empty_batch(*batches[0]['inputs'].shape)] * (count - len(batches))
+    batches = batches + [empty_like(batches[0])] * (count - len(batches))
   return batches
 
 
@@ -110,6 +107,8 @@ class Trainer:
         self.ckpt.pin(self.early_stopping.best_step)
       if run.lora.enabled:
         self._reattach_base()
+      if run.reference_in_state:
+        self._reattach_reference()
       if data_state is None:
         logging.warning('Checkpoint %d has no input-pipeline position; data restarts from the '
                         'beginning', self.resumed_from)
@@ -124,9 +123,12 @@ class Trainer:
         raise validate.ConfigError(f'lora.rank={run.lora.rank} trains adapters over a frozen base '
                                    'model: set config.init_from to it (a checkpoint or an imported '
                                    'Hugging Face model)')
+      if run.reference_in_state and start.reference is None:
+        raise validate.ConfigError('preference tuning with the reference model in the step starts from '
+                                   'the model to align: set config.init_from to it')
       self.state = run.init_state(start.params, start.frozen)
       self.ckpt = checkpointer()
-      self.ckpt.lora_reference = start.base
+      self.ckpt.lora_reference, self.ckpt.reference = start.base, start.reference
     # Only now, with the config, data, tokenizer and starting point known to be good, the workdir
     # gets this run's files.
     if self.primary:
@@ -192,6 +194,12 @@ class Trainer:
     self.state = self.state.replace(frozen=base)
     self.ckpt.lora_reference = ref
 
+  def _reattach_reference(self):
+    """A resumed preference run's reference model: its starting parameters, reloaded (and checked)."""
+    self.ckpt.reference = self.ckpt.reference_of(self.resumed_from)
+    self.state = self.state.replace(reference=checkpoint_lib.load_reference(
+        self.ckpt.reference, self.run, f'{self.ckpt.directory}/{self.resumed_from}'))
+
   # -- pieces of a step ---------------------------------------------------------------------------
 
   def evaluation_due(self, step: int) -> bool:
@@ -202,7 +210,7 @@ class Trainer:
     """The held-out loss and task metrics due at `step` (all of them at step 0 and when `final`)."""
     every, result = self.config.train.eval_every, {}
     if self.eval_batches and (final or step == 0 or (every and step % every == 0)):
-      result.update(evaluate(self.run, self.eval_step, self.state.model_params, self.eval_batches))
+      result.update(evaluate(self.run, self.eval_step, self.state, self.eval_batches))
     if self.generation and (final or step == 0 or self.generation.due(step)):
       result.update(self.generation(self.state.model_params, step))
     if not result:
@@ -216,7 +224,8 @@ class Trainer:
       workdir_lib.write_json(os.path.join(self.workdir, 'eval_results.json'), self.eval_history,
                              append_to_existing=True)
       logging.info('eval at step %d: %s', step, ' | '.join(
-          f'{k[5:]} {v:.4f}' if k != 'eval_tokens' else f'{v:.0f} tokens' for k, v in result.items()))
+          f'{k[5:]} {v:.4f}' if k not in ('eval_tokens', 'eval_pairs') else f'{v:.0f} {k[5:]}'
+          for k, v in result.items()))
 
   def log(self, step: int, fetched: list[dict], seconds_per_step: float | None):
     tcfg = self.config.train

@@ -31,6 +31,9 @@ def format_line(step: int, total: int, m: dict[str, float]) -> str:
   """The training log's line for one logging window."""
   parts = [f'step {step}/{total}', f"loss {m['loss']:.4f}", f"lr {m['learning_rate']:.2e}",
            f"grad_norm {m['grad_norm']:.3f}"]
+  if 'rewards/accuracies' in m:
+    parts += [f"reward accuracy {100 * m['rewards/accuracies']:.1f}%",
+              f"margin {m['rewards/margins']:.3f}"]
   if 'step_time_ms' in m:
     parts += [f"tokens/s {m['tokens_per_sec']:,.0f}", f"step {m['step_time_ms']:.1f} ms",
               f"{m['tflops_per_device']:.2f} TFLOP/s/device"]

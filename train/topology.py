@@ -232,12 +232,17 @@ def load_config(path: str) -> ml_collections.ConfigDict:
 
 
 def sft_variant(path: str) -> str | None:
-  """`path` with its options plus 'sft', if its get_config takes options (and is not SFT already)."""
+  """`path` with its options plus 'sft', if its get_config takes options (and is not SFT or DPO
+  already)."""
   file, _, options = path.partition(':')
-  if not inspect.signature(_config_module(file).get_config).parameters or 'sft' in options.split(','):
+  if (not inspect.signature(_config_module(file).get_config).parameters
+      or {'sft', 'dpo'} & set(options.split(','))):
     return None
   return f'{file}:{",".join(filter(None, [options, "sft"]))}'
 
 
 def step_name(config) -> str:
+  if config.train.get('objective', 'lm') == 'dpo':
+    where = 'precomputed' if config.dpo.reference == 'precompute' else 'in the step'
+    return f'DPO step ({config.dpo.loss} loss, reference log-probabilities {where})'
   return 'SFT step' if config.data.format in SFT_FORMATS else 'pretraining step'

@@ -9,6 +9,7 @@ from model import ModelConfig, abstract_params
 from model import lora as lora_lib
 from model import sharding as sharding_lib
 from model.lora import LoraConfig
+from train.step import PREFERENCE_LOSSES
 
 class ConfigError(ValueError):
   pass
@@ -22,10 +23,44 @@ def lora_config(config: Any) -> LoraConfig:
     raise ConfigError(str(e)) from None
 
 
+OBJECTIVES = ('lm', 'dpo')
+DPO_REFERENCES = ('precompute', 'step')
+
+
+def objective(config: Any) -> str:
+  """`config.train.objective` ('lm' for configs without the key)."""
+  return config.train.get('objective', 'lm')
+
+
+def _preference_problems(config: Any) -> list[str]:
+  dpo, errors = config.dpo, []
+  if dpo.loss not in PREFERENCE_LOSSES:
+    errors.append(f'dpo.loss must be one of {PREFERENCE_LOSSES}, got {dpo.loss!r}')
+  if dpo.beta <= 0:
+    errors.append(f'dpo.beta must be positive, got {dpo.beta}')
+  if not 0 <= dpo.label_smoothing < 0.5:
+    errors.append(f'dpo.label_smoothing must be in [0, 0.5), got {dpo.label_smoothing}')
+  if dpo.sft_weight < 0:
+    errors.append(f'dpo.sft_weight must be >= 0, got {dpo.sft_weight}')
+  if dpo.reference not in DPO_REFERENCES:
+    errors.append(f'dpo.reference must be one of {DPO_REFERENCES}, got {dpo.reference!r}')
+  if config.train.z_loss:
+    errors.append(f'train.z_loss ({config.train.z_loss}) applies to the language-modeling objective '
+                  'only; set it to 0 for preference tuning')
+  if config.data.format not in ('preference', 'synthetic'):
+    errors.append(f'train.objective=dpo trains on preference pairs: data.format must be "preference", '
+                  f'got {config.data.format!r}')
+  return errors
+
+
 def check(config: Any, model: ModelConfig, num_devices: int, tokenizer_vocab: int | None = None,
           lora: LoraConfig = LoraConfig()):
   errors = lora_lib.problems(lora, abstract_params(model)) if lora.enabled else []
   train, opt, mesh = config.train, config.optimizer, config.mesh
+  if objective(config) not in OBJECTIVES:
+    errors.append(f'train.objective must be one of {OBJECTIVES}, got {objective(config)!r}')
+  elif objective(config) == 'dpo':
+    errors += _preference_problems(config)
 
   for key in ('steps', 'batch_size', 'seq_len', 'grad_accum_steps', 'log_every'):
     if train[key] <= 0:

@@ -244,9 +244,9 @@ class RunLock:
       from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
       from google.cloud import storage  # pylint: disable=import-outside-toplevel
     except ImportError:
-      raise WorkdirLocked(f'locking a gs:// workdir needs google-cloud-storage: pip install '
-                          f'google-cloud-storage, or run without a lock with '
-                          f'--config.train.take_over_lock=True') from None
+      raise WorkdirLocked('locking a gs:// workdir needs google-cloud-storage: pip install '
+                          'google-cloud-storage, or run without a lock with '
+                          '--config.train.take_over_lock=True') from None
     bucket, _, name = str(self.path)[len('gs://'):].partition('/')
     blob = storage.Client().bucket(bucket).blob(name)
     text = json.dumps(self.info)

@@ -1,0 +1,241 @@
+"""Preference tuning (train.dpo) without torch: the pairs' rows (completion tokens only carry loss,
+both sides of a pair in one row), truncation and bad records, exact resume with the reference
+log-probabilities precomputed and in the step, and LoRA, whose reference is the base with the adapters
+off. TRL parity is tests/test_dpo_parity.py."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default
+from data.preference import PreferenceData
+from data.records import BadRecord
+from data.synthetic import SyntheticData
+from model import Transformer
+from model import params as params_lib
+from tests.tokenizers_for_tests import make_hf_tokenizer
+from train import dpo, loop, run as run_lib, step, validate
+
+VOCAB, SEQ = 400, 128
+MODEL = dict(vocab_size=VOCAB, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=128,
+             dtype='float32', scan_layers=False)
+WORDS = 'alpha beta gamma delta river stone cloud field window garden silver yellow quiet rapid'.split()
+
+
+def _user(text):
+  return [{'role': 'user', 'content': text}]
+
+
+def _answer(text):
+  return [{'role': 'assistant', 'content': text}]
+
+
+def _records(n=24):
+  rng = np.random.default_rng(0)
+  out = []
+  for i in range(n):
+    words = list(rng.choice(WORDS, 4, replace=False))
+    out.append({'prompt': _user('Last word: ' + ' '.join(words)), 'chosen': _answer(words[-1]),
+                'rejected': _answer(words[0])})
+  # Plain strings (TRL's standard format), and an implicit prompt (the conversations' shared start).
+  out.append({'prompt': 'Say yes', 'chosen': 'yes', 'rejected': 'no'})
+  out.append({'chosen': _user('Pick one') + _answer('this one'), 'rejected': _user('Pick one') + _answer('that')})
+  return out
+
+
+def _write(path, records):
+  with open(path, 'w') as f:
+    f.writelines((r if isinstance(r, str) else json.dumps(r)) + '\n' for r in records)
+  return str(path)
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+  root = tmp_path_factory.mktemp('dpo')
+  return {'root': root, 'tok': make_hf_tokenizer(root / 'tok', VOCAB, 'llama3'),
+          'train': _write(root / 'train.jsonl', _records()),
+          'eval': _write(root / 'eval.jsonl', _records(8)[:8])}
+
+
+def _config(files, **data):
+  c = default.get_config()
+  c.model.update(MODEL)
+  c.train.update(dict(objective='dpo', steps=4, batch_size=8, seq_len=SEQ, log_every=1, eval_every=2,
+                      eval_at_start=False, eval_max_batches=1))
+  c.optimizer.update(dict(lr=1e-3, warmup_steps=0, min_lr_ratio=1.0))
+  c.checkpoint.update(dict(async_save=False, every_steps=2))
+  c.data.update({**dict(format='preference', train_files=files['train'], eval_files=files['eval'],
+                        tokenizer=files['tok'], chat_template='llama3'), **data})
+  return c
+
+
+@pytest.fixture(scope='module')
+def start(files, tmp_path_factory):
+  """A checkpoint to align: 2 steps of pretraining on synthetic data (any trained model will do)."""
+  c = default.get_config()
+  c.model.update(MODEL)
+  c.data.format = 'synthetic'
+  c.train.update(dict(steps=2, batch_size=8, seq_len=SEQ, eval_every=0, eval_at_start=False))
+  c.checkpoint.async_save = False
+  workdir = str(tmp_path_factory.mktemp('start'))
+  loop.train(c, workdir, SyntheticData(0, SEQ, VOCAB))
+  return workdir
+
+
+def test_rows_hold_whole_pairs_and_weigh_completion_tokens_only(files):
+  data = PreferenceData(_config(files).data, SEQ)
+  tok = data.tokenizer
+  assert len(data.train_pairs) == 26 and len(data.eval_pairs) == 8 and not data.stats()
+  seen = 0
+  for batch in data.ordered_batches('train_pass', 0, 1, 8):
+    for row in range(8):
+      b = {k: v[row] for k, v in batch.items()}
+      for pair in set(b['pair_ids'][b['pair_ids'] > 0].tolist()):
+        sides = [(b['pair_ids'] == pair) & (b['chosen'] == c) for c in (1, 0)]
+        assert all(s.any() for s in sides)  # both sides in the row
+        # Each side is one segment; its weighted targets are the answer and the end of the turn.
+        answers = [tok.decode(b['targets'][s & (b['loss_weights'] > 0)].tolist()) for s in sides]
+        assert all(len(set(b['segment_ids'][s].tolist())) == 1 for s in sides)
+        record = _records()[b['example_ids'][sides[0]][0]]
+        expected = [record[k][-1]['content'] if isinstance(record[k], list) else record[k]
+                    for k in ('chosen', 'rejected')]
+        assert answers == expected
+        eot = tok.special_tokens()['<|eot_id|>']
+        assert all(b['targets'][s & (b['loss_weights'] > 0)][-1] == eot for s in sides)
+        seen += 1
+  assert seen == 26
+
+
+@pytest.mark.parametrize('line,problem', [
+    ({'prompt': 'q', 'rejected': 'no'}, "missing field 'chosen'"),
+    ({'prompt': 'q', 'chosen': 'same', 'rejected': 'same'}, 'chosen and rejected are identical'),
+    ({'prompt': 'q', 'chosen': '  ', 'rejected': 'no'}, 'chosen is an empty completion'),
+    ({'prompt': 'q', 'chosen': [], 'rejected': 'no'}, 'chosen is an empty completion'),
+    ('{"prompt": "q", "chosen": ', 'JSON'),
+])
+def test_bad_records_name_file_and_line(files, tmp_path, line, problem):
+  path = _write(tmp_path / 'bad.jsonl', [{'prompt': 'q', 'chosen': 'yes', 'rejected': 'no'}, line])
+  c = _config(files, train_files=path, eval_files='')
+  with pytest.raises(BadRecord, match=rf'bad.jsonl:2\b.*{problem}'):
+    PreferenceData(c.data, SEQ)
+  c.data.skip_bad_records = True
+  data = PreferenceData(c.data, SEQ)
+  assert len(data.train_pairs) == 1 and data.stats()['train_skipped_bad_records'] == 1
+
+
+def test_long_prompts_are_truncated_or_dropped_and_counted(files, tmp_path):
+  long = {'prompt': ' '.join(WORDS * 4), 'chosen': 'yes', 'rejected': 'no'}
+  path = _write(tmp_path / 'long.jsonl', [long, {'prompt': 'q', 'chosen': 'yes', 'rejected': 'no'}])
+  c = _config(files, train_files=path, eval_files='', max_prompt_len=40)
+  data = PreferenceData(c.data, SEQ)
+  assert data.stats()['train_prompt_truncated'] == 1 and len(data.train_pairs) == 2
+  ids, mask, n_chosen = data.train_pairs[0]
+  assert int(np.argmax(mask[:n_chosen])) == 40  # the prompt's last 40 tokens, then the answer
+  c.data.overlong = 'drop'
+  data = PreferenceData(c.data, SEQ)
+  assert data.stats()['train_dropped_overlong'] == 1 and len(data.train_pairs) == 1
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
+
+
+@pytest.mark.parametrize('reference', ['precompute', 'step'])
+def test_dpo_resumes_exactly(files, start, tmp_path, monkeypatch, reference):
+  def train(workdir, steps):
+    c = _config(files)
+    c.train.steps, c.init_from, c.dpo.reference = steps, start, reference
+    if reference == 'step':  # held-out pairs once, with the precomputed table (one compile less per run)
+      c.data.eval_files = ''
+    return dpo.train(c, workdir)
+
+  straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
+  last = train(straight, 4)
+  train(interrupted, 2)
+  if reference == 'precompute':  # the resumed run reads the table: no second reference pass
+    monkeypatch.setattr(dpo, 'reference_logps', lambda *a: pytest.fail('reference pass on resume'))
+  resumed = train(interrupted, 4)
+  a, b = _losses(straight), _losses(interrupted)
+  assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+  assert [b[s] for s in a] == [a[s] for s in a]
+  assert {k: resumed[k] for k in ('loss', *step.PAIR_METRICS)} == {k: last[k] for k in ('loss', *step.PAIR_METRICS)}
+  for key in step.PAIR_METRICS:
+    assert np.isfinite(last[key]), key
+  if reference == 'step':
+    return
+  # Training moved the policy away from its reference: the held-out pairs are told apart.
+  with open(os.path.join(straight, 'eval_results.json')) as f:
+    evals = json.load(f)
+  assert [e['step'] for e in evals] == [2, 4] and evals[-1]['eval_pairs'] == 8
+  assert evals[-1]['eval_rewards/accuracies'] > 0.5 and evals[-1]['eval_loss'] < np.log(2)
+
+
+def test_the_two_references_give_the_same_step(files, start):
+  """The reference in the step and the precomputed table give the same loss and gradients."""
+  metrics = {}
+  for reference in ('precompute', 'step'):
+    c = _config(files)
+    c.init_from, c.dpo.reference = start, reference
+    data = PreferenceData(c.data, SEQ)
+    run = run_lib.Run(c, tokenizer_vocab=data.vocab_size)
+    begin = dpo.checkpoint.params_from(start)(run)
+    if reference == 'precompute':
+      data.set_reference(dpo.reference_logps(run, begin, data))
+    state = run.init_state(begin.params)
+    batch = run.global_batch(data.step_batch(next(data.ordered_batches('train_pass', 0, 1, 8))))
+    metrics[reference] = jax.device_get(run.train_step()(state, batch)[1])
+  for key in ('loss', 'grad_norm', *step.PAIR_METRICS):
+    np.testing.assert_allclose(metrics['precompute'][key], metrics['step'][key], rtol=1e-5, atol=1e-6,
+                               err_msg=key)
+  assert metrics['step']['loss'] == pytest.approx(np.log(2), abs=1e-6)  # policy == reference
+
+
+def test_lora_reference_is_the_base_with_adapters_off(files, start):
+  c = _config(files)
+  c.init_from, c.dpo.reference = start, 'step'
+  c.lora.update(dict(rank=4, alpha=8.0, targets='q,v'))
+  data = PreferenceData(c.data, SEQ)
+  run = run_lib.Run(c, tokenizer_vocab=data.vocab_size)
+  assert not run.reference_in_state  # no second copy of the weights
+  begin = dpo.checkpoint.params_from(start)(run)
+  state = run.init_state(begin.params, begin.frozen)
+  assert state.reference is None and state.reference_params is state.frozen
+  # Adapters that are not zero: the reference must still be the base alone.
+  state = state.replace(params=jax.tree.map(lambda x: x + 0.05, state.params))
+  batch = data.step_batch(next(data.ordered_batches('train_pass', 0, 1, 8)))
+  base = params_lib.load_params(start, run_lib.Run(_config(files)).abstract_state().params)
+  plain = Transformer(run.model_config)
+  expected = step.pair_logps(plain, base, batch)[0]
+  ours = step.pair_logps(run.objective.reference_model, state.reference_params, batch)[0]
+  np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-4)
+  with_adapters = step.pair_logps(run.model, state.model_params, batch)[0]
+  assert np.abs(np.asarray(with_adapters) - np.asarray(expected)).max() > 1e-3
+  # The precomputed table is the same numbers, from the frozen base.
+  c.dpo.reference = 'precompute'
+  run = run_lib.Run(c, tokenizer_vocab=data.vocab_size)
+  table = dpo.reference_logps(run, dpo.checkpoint.params_from(start)(run), data)
+  present = np.asarray(step.pair_logps(plain, base, batch)[1])[..., 0] > 0
+  np.testing.assert_allclose(table[_pair_indices(data)], np.asarray(expected)[present], rtol=1e-5,
+                             atol=1e-4)
+
+
+def _pair_indices(data):
+  """The index (`example_ids`) of each pair of the first training batch, in slot order."""
+  batch = next(data.ordered_batches('train_pass', 0, 1, 8))
+  return [int(batch['example_ids'][row][batch['pair_ids'][row] == pair][0])
+          for row in range(batch['pair_ids'].shape[0]) for pair in range(1, batch['pair_ids'][row].max() + 1)]
+
+
+def test_config_errors(files):
+  c = _config(files)
+  c.dpo.loss = 'kto'
+  c.train.z_loss = 1e-4
+  with pytest.raises(validate.ConfigError, match=r"(?s)dpo.loss must be one of .*train.z_loss"):
+    run_lib.Run(c)
+  c = _config(files)
+  with pytest.raises(validate.ConfigError, match='set config.init_from'):
+    dpo.train(c, '/tmp/unused')
