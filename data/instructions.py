@@ -106,14 +106,20 @@ def to_messages(record: Any, fmt: str, fields: Any) -> list[dict[str, str]]:
     messages = field('messages')
     if not isinstance(messages, list):
       raise BadRecord(f'field {fields["messages"]!r} must be a list of messages')
-    out = []
-    for i, m in enumerate(messages):
-      if not isinstance(m, dict) or fields['role'] not in m or fields['content'] not in m:
-        raise BadRecord(f'message {i} must be an object with {fields["role"]!r} and '
-                           f'{fields["content"]!r}')
-      out.append({'role': m[fields['role']], 'content': m[fields['content']]})
-    return out
+    return message_list(messages, fields)
   raise ValueError(f'config.data.format must be one of {SFT_FORMATS}, got {fmt!r}')
+
+
+def message_list(messages: list, fields: Any, prefix: str = '') -> list[dict[str, str]]:
+  """`messages`, objects with the role and content fields that `fields` names, as {'role', 'content'}
+  dicts; a malformed one is a BadRecord (its message after `prefix`)."""
+  out = []
+  for i, m in enumerate(messages):
+    if not isinstance(m, dict) or fields['role'] not in m or fields['content'] not in m:
+      raise BadRecord(f'{prefix}message {i} must be an object with {fields["role"]!r} and '
+                      f'{fields["content"]!r}')
+    out.append({'role': m[fields['role']], 'content': m[fields['content']]})
+  return out
 
 
 def conversations(patterns: str, cfg: Any, limit: int = 0) -> list[tuple[str, list[dict[str, str]], Any]]:

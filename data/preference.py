@@ -35,6 +35,7 @@ from absl import logging
 from data import chat, mixture, packing
 from data.batch import pad_batch
 from data.config import OVERLONG_POLICIES, PREFERENCE_FORMATS
+from data.instructions import message_list
 from data.records import BadRecord, Counters
 from data.sft import in_held_out_share, parsed_records
 from data.tokenizer import load_tokenizer
@@ -50,13 +51,7 @@ def _messages(value: Any, name: str, role: str, fields: Any) -> list[dict[str, s
   if not isinstance(value, list):
     raise BadRecord(f'field {key!r} (config.data.fields.{name}) must be a string or a list of messages, '
                     f'got {type(value).__name__}')
-  out = []
-  for i, m in enumerate(value):
-    if not isinstance(m, dict) or fields['role'] not in m or fields['content'] not in m:
-      raise BadRecord(f'field {key!r}: message {i} must be an object with {fields["role"]!r} and '
-                      f'{fields["content"]!r}')
-    out.append({'role': m[fields['role']], 'content': m[fields['content']]})
-  return out
+  return message_list(value, fields, f'field {key!r}: ')
 
 
 def to_pair(record: Any, fields: Any) -> tuple[list[dict], list[dict], list[dict]]:
