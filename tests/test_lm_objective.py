@@ -3,9 +3,10 @@ objective from the config (issue 15, preference tuning): the same losses, bit fo
 
 The expected values were recorded by running these very runs on the code before that change (float32
 on CPU, 8 fake devices, jax 0.10.2); the data are made here (no corpus that varies with the Python
-version), so the runs are the same wherever the suite runs. A different JAX or XLA version may round
-differently: record the values again from the previous commit (`python tests/test_lm_objective.py`
-prints them) when upgrading.
+version), so the runs are the same wherever the suite runs. Another JAX or XLA version may round the
+last bits differently (jax 0.12 does, at one step): there the values must agree to 1e-5 relative, far
+below what any change of objective moves them. When the pinned JAX is upgraded, record the values
+again from the previous commit (`python tests/test_lm_objective.py` prints them).
 """
 
 import json
@@ -13,6 +14,7 @@ import os
 import random
 import sys
 
+import jax
 import pytest
 
 from configs import default
@@ -24,6 +26,7 @@ WORDS = ('alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega riv
 MODEL = dict(vocab_size=512, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=128,
              dtype='float32', scan_layers=False)
 # float.hex() of the logged values: train loss at steps 1-3, held-out loss at steps 0 and 3.
+RECORDED_WITH_JAX = '0.10.2'  # requirements.txt's
 EXPECTED = {
     'pretrain': ['0x1.90157e0000000p+2', '0x1.8c3d540000000p+2', '0x1.886e040000000p+2',
                  '0x1.9068520000000p+2', '0x1.8524ec0000000p+2'],
@@ -87,7 +90,10 @@ def run_sft(workdir):
 def test_losses_are_bit_identical_to_before(tmp_path, name, run):
   got = run(str(tmp_path / name))
   assert len(got) == 5
-  assert [float.hex(x) for x in got] == EXPECTED[name], got
+  if jax.__version__ == RECORDED_WITH_JAX:
+    assert [float.hex(x) for x in got] == EXPECTED[name], got
+  else:
+    assert got == pytest.approx([float.fromhex(h) for h in EXPECTED[name]], rel=1e-5, abs=0)
 
 
 if __name__ == '__main__':  # prints EXPECTED for the code at hand
