@@ -121,18 +121,19 @@ def train(config, workdir: str, data=None) -> dict[str, float]:
         f'config.init_from={config.init_from} holds LoRA adapters; with dpo.reference=step the '
         'reference is the base alone, not that starting model: set config.dpo.reference=precompute '
         '(the reference is then the base with those adapters), or merge them into the base first')
-  init = {'params': checkpoint.params_from(config.init_from)}
+  init = checkpoint.params_from(config.init_from)
 
   def make_data():  # called by loop.train once the workdir is locked, unless the run finished already
+    nonlocal init
     pairs = data
     if pairs is None:
       from data.preference import PreferenceData  # pylint: disable=import-outside-toplevel  (TensorFlow)
       pairs = PreferenceData(config.data, config.train.seq_len)
     if config.dpo.reference == 'precompute' and config.dpo.loss not in REFERENCE_FREE:
-      init['params'] = prepare_reference(config, workdir, pairs, init['params'])
+      init = prepare_reference(config, workdir, pairs, init)  # a fresh run reuses the start it loaded
     return pairs
 
-  return loop.train(config, workdir, make_data, init_params=lambda r: init['params'](r))
+  return loop.train(config, workdir, make_data, init_params=lambda r: init(r))
 
 
 def main(argv):
