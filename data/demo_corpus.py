@@ -7,10 +7,11 @@ share of documents, chosen by a hash of their name, is held out for evaluation.
 
 With --sft_out it also writes an instruction set whose answers can be checked: questions about
 sentences of the corpus ("What is the last word of this sentence?"), each with one correct answer.
-Training questions come from training documents, held-out questions from held-out documents.
-With --preference_out it also writes preference pairs of the same questions (TRL's prompt, chosen,
-rejected): the correct answer chosen, a wrong one (another word of the sentence, a count off by one
-to three) rejected, from other sentences than the instruction set's (another seed).
+Training questions come from training documents (all three questions about each sentence), held-out
+questions from held-out documents (one per sentence). With --preference_out it also writes preference
+pairs of the same questions (TRL's prompt, chosen, rejected; one per sentence, drawn in another order):
+the correct answer chosen, a wrong one (another word of the sentence, a count off by one to three)
+rejected.
 
   python -m data.demo_corpus --out demo/data --sft_out demo/sft_data --preference_out demo/dpo_data
 """
@@ -122,18 +123,25 @@ def sentences(text: str) -> Iterator[list[str]]:
       yield words
 
 
-def instruction_examples(corpus_file: str, n: int, seed: int) -> list[dict]:
+def instruction_examples(corpus_file: str, n: int, seed: int, questions_per_sentence: int = 1) -> list[dict]:
+  """Up to n questions about sentences of `corpus_file`, `questions_per_sentence` different ones about
+  each sentence (the tasks taking turns), in a shuffled order."""
   with open(corpus_file, encoding='utf-8') as f:
     pool = [words for line in f for words in sentences(json.loads(line)['text'])]
   rng = random.Random(seed)
   rng.shuffle(pool)
+  tasks = sorted(QUESTIONS)
   examples = []
-  for i, words in enumerate(pool[:n]):
-    task = sorted(QUESTIONS)[i % len(QUESTIONS)]
-    question, answer = QUESTIONS[task]
-    examples.append({'task': task, 'messages': [
-        {'role': 'user', 'content': f'{question}\n{" ".join(words)}'},
-        {'role': 'assistant', 'content': answer(words)}]})
+  for i, words in enumerate(pool):
+    for j in range(questions_per_sentence):
+      task = tasks[(i + j) % len(tasks)]
+      question, answer = QUESTIONS[task]
+      examples.append({'task': task, 'messages': [
+          {'role': 'user', 'content': f'{question}\n{" ".join(words)}'},
+          {'role': 'assistant', 'content': answer(words)}]})
+  examples = examples[:n]
+  if questions_per_sentence > 1:  # else already in the pool's shuffled order, as before
+    rng.shuffle(examples)
   return examples
 
 
@@ -145,11 +153,11 @@ def wrong_answer(task: str, words: list[str], rng: random.Random) -> str:
   return rng.choice([w for w in words if w != right])
 
 
-def preference_pairs(corpus_file: str, n: int, seed: int) -> list[dict]:
+def preference_pairs(corpus_file: str, n: int, seed: int, questions_per_sentence: int = 1) -> list[dict]:
   """Preference pairs of the instruction questions: the correct answer chosen, a wrong one rejected."""
   rng = random.Random(seed)
   pairs = []
-  for example in instruction_examples(corpus_file, n, seed):
+  for example in instruction_examples(corpus_file, n, seed, questions_per_sentence):
     user, answer = example['messages']
     words = user['content'].split('\n', 1)[1].split()
     if len(set(words)) < 2:  # no other word to reject
@@ -161,13 +169,15 @@ def preference_pairs(corpus_file: str, n: int, seed: int) -> list[dict]:
 
 
 def write_instruction_task(corpus_dir: str, out_dir: str, n_train: int, n_eval: int,
-                           make=instruction_examples, seeds=(0, 1)) -> dict[str, int]:
+                           make=instruction_examples, seeds=(0, 1),
+                           train_questions_per_sentence: int = 1) -> dict[str, int]:
   """Writes train.jsonl and eval.jsonl in the chat format (plus a "task" field per record); with
-  `make=preference_pairs`, preference pairs."""
+  `make=preference_pairs`, preference pairs. Held-out questions are one per sentence."""
   os.makedirs(out_dir, exist_ok=True)
   counts = {}
   for split, n, seed in (('train', n_train, seeds[0]), ('eval', n_eval, seeds[1])):
-    examples = make(os.path.join(corpus_dir, f'{split}.jsonl'), n, seed)
+    examples = make(os.path.join(corpus_dir, f'{split}.jsonl'), n, seed,
+                    train_questions_per_sentence if split == 'train' else 1)
     tmp = os.path.join(out_dir, f'{split}.jsonl.tmp')
     with open(tmp, 'w', encoding='utf-8') as f:
       f.writelines(json.dumps(e) + '\n' for e in examples)
@@ -182,7 +192,8 @@ def main(argv):
   print(f"Wrote {counts['train']} train and {counts['eval']} eval documents to {FLAGS.out}/")
   if FLAGS.sft_out:
     counts = write_instruction_task(FLAGS.out, FLAGS.sft_out, FLAGS.sft_train_examples,
-                                    FLAGS.sft_eval_examples)
+                                    FLAGS.sft_eval_examples,
+                                    train_questions_per_sentence=FLAGS.sft_questions_per_sentence)
     print(f"Wrote {counts['train']} train and {counts['eval']} held-out questions to {FLAGS.sft_out}/")
   if FLAGS.preference_out:
     counts = write_instruction_task(FLAGS.out, FLAGS.preference_out, FLAGS.preference_train_pairs,
@@ -198,7 +209,13 @@ def _define_flags():
   flags.DEFINE_integer('eval_percent', 5, 'Share of documents held out for evaluation.', lower_bound=0,
                        upper_bound=99)
   flags.DEFINE_string('sft_out', '', 'If set, also write the instruction set here.')
-  flags.DEFINE_integer('sft_train_examples', 6000, 'Training questions to write.', lower_bound=1)
+  flags.DEFINE_integer('sft_train_examples', 30000,
+                       'Training questions to write, at most (the demo corpus has ~7,650 training '
+                       'sentences).', lower_bound=1)
+  flags.DEFINE_integer('sft_questions_per_sentence', 3,
+                       'Different questions asked about each training sentence (1 to 3): asked all '
+                       'three, the model must read the question, not just recall the sentence.',
+                       lower_bound=1, upper_bound=len(QUESTIONS))
   flags.DEFINE_integer('sft_eval_examples', 150, 'Held-out questions to write.', lower_bound=1)
   flags.DEFINE_string('preference_out', '', 'If set, also write preference pairs here.')
   flags.DEFINE_integer('preference_train_pairs', 3000, 'Training preference pairs to write.',

@@ -5,6 +5,7 @@ off. TRL parity is tests/test_dpo_parity.py."""
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -167,6 +168,18 @@ def test_dpo_resumes_exactly(files, start, tmp_path, monkeypatch, reference):
     assert np.isfinite(last[key]), key
   if reference == 'step':
     return
+  # Resumed with other pairs and another starting model: refused before the saved table is touched,
+  # by the config check, and, told to override it, because the new pairs' reference must be the start.
+  table = tmp_path / 'interrupted' / dpo.REFERENCE_LOGPS
+  before = table.read_text()
+  c = _config(files, eval_files='')
+  c.train.steps, c.init_from = 6, straight
+  with pytest.raises(validate.ConfigError, match='different config'):
+    dpo.train(c, interrupted)
+  c.train.override_workdir_config = True
+  with pytest.raises(validate.ConfigError, match=re.escape(f'resume with --config.init_from={start}')):
+    dpo.train(c, interrupted)
+  assert table.read_text() == before
   # Training moved the policy away from its reference: the held-out pairs are told apart.
   with open(os.path.join(straight, 'eval_results.json')) as f:
     evals = json.load(f)

@@ -32,6 +32,31 @@ def sft_files(demo_data, tmp_path_factory):
   return {'train': os.path.join(out, 'train.jsonl'), 'eval': os.path.join(out, 'eval.jsonl')}
 
 
+def test_demo_instruction_set_asks_every_question_of_each_training_sentence(demo_data, tmp_path):
+  """scripts/demo.sh's instruction set: all three questions about each training sentence (the model
+  must read the question to answer), one question per held-out sentence, every answer correct."""
+  demo_corpus.write_instruction_task(os.path.join(demo_data['dir'], 'data'), str(tmp_path), 300, 40,
+                                     train_questions_per_sentence=3)
+  asked = {}
+  for split in ('train', 'eval'):
+    with open(tmp_path / f'{split}.jsonl') as f:
+      records = [json.loads(line) for line in f]
+    asked[split] = {}
+    for r in records:
+      user, answer = r['messages']
+      question, sentence = user['content'].split('\n')
+      assert (question, answer['content']) == (demo_corpus.QUESTIONS[r['task']][0],
+                                               demo_corpus.QUESTIONS[r['task']][1](sentence.split()))
+      asked[split].setdefault(sentence, []).append(r['task'])
+    assert len(records) == {'train': 300, 'eval': 40}[split]
+  assert all(sorted(set(tasks)) == sorted(demo_corpus.QUESTIONS) for tasks in asked['train'].values())
+  assert len(asked['eval']) >= 39 and sorted(set(sum(asked['eval'].values(), []))) == sorted(demo_corpus.QUESTIONS)
+  # In a shuffled order: not the three questions of one sentence after another.
+  with open(tmp_path / 'train.jsonl') as f:
+    firsts = [json.loads(line)['messages'][0]['content'].split('\n')[1] for line in f][:3]
+  assert len(set(firsts)) > 1
+
+
 def _config(demo_data, sft_files, **data):
   c = sft_tiny.get_config()
   c.model.update(SMALL_MODEL)

@@ -83,15 +83,22 @@ def prepare_reference(config, workdir: str, data, init_params):
   the pass, when the run is fresh."""
   path = epath.Path(workdir) / REFERENCE_LOGPS
   fingerprint = data.fingerprint()
+  resuming = bool(params_lib.saved_steps(os.path.join(workdir, 'checkpoints')))
   if path.exists():
     saved = json.loads(path.read_text())
     if saved['fingerprint'] == fingerprint:
+      # Even if init_from now names another path: the reference is the start this run began from.
       logging.info('Reference log-probabilities of %d pairs read from %s', len(saved['logps']), path)
       data.set_reference(np.asarray(saved['logps'], np.float32))
       return init_params
+    if resuming and saved.get('init_from') != str(config.init_from):
+      raise validate.ConfigError(
+          f'{path} holds the reference log-probabilities of the model this run started from, '
+          f'config.init_from={saved.get("init_from")}; the preference pairs have changed since, and their '
+          f'reference must be that model too, not config.init_from={config.init_from}: resume with '
+          f'--config.init_from={saved.get("init_from")}, or use a new --workdir')
     logging.warning('%s was computed for other preference pairs (the data changed); computing them '
                     'again from config.init_from=%s', path, config.init_from)
-  resuming = bool(params_lib.saved_steps(os.path.join(workdir, 'checkpoints')))
   trainer_run = run.Run(config, tokenizer_vocab=data.vocab_size)
   start = init_params(trainer_run)
   table = reference_logps(trainer_run, start, data)
@@ -125,6 +132,9 @@ def train(config, workdir: str, data=None) -> dict[str, float]:
 
   def make_data():  # called by loop.train once the workdir is locked, unless the run finished already
     nonlocal init
+    # A resume with another config is refused (as the loop would) before the table is read or rewritten.
+    workdir_lib.check_config(config, workdir,
+                             bool(params_lib.saved_steps(os.path.join(workdir, 'checkpoints'))))
     pairs = data
     if pairs is None:
       from data.preference import PreferenceData  # pylint: disable=import-outside-toplevel  (TensorFlow)
