@@ -10,7 +10,7 @@ def get_config():
   c = tiny.get_config()
   c.init_from = 'demo/pretrain'
   # ~23k questions (each training sentence asked all three questions): at 300 steps the held-out
-  # exact match was 51%, at 1,000 81% (docs/benchmarks.md); DPO then has a model that reads the question.
+  # exact match was 51%, at 1,000 83% (docs/benchmarks.md); DPO then has a model that reads the question.
   c.train.steps = 1000
   c.train.eval_every = 200
   c.train.log_every = 50
