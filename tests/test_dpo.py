@@ -173,13 +173,23 @@ def test_dpo_resumes_exactly(files, start, tmp_path, monkeypatch, reference):
   table = tmp_path / 'interrupted' / dpo.REFERENCE_LOGPS
   before = table.read_text()
   c = _config(files, eval_files='')
-  c.train.steps, c.init_from = 6, straight
+  c.train.steps, c.init_from, c.dpo.reference = 6, straight, 'precompute'
   with pytest.raises(validate.ConfigError, match='different config'):
     dpo.train(c, interrupted)
   c.train.override_workdir_config = True
   with pytest.raises(validate.ConfigError, match=re.escape(f'resume with --config.init_from={start}')):
     dpo.train(c, interrupted)
   assert table.read_text() == before
+  # A fresh run (no checkpoint yet) that finds a table of another starting model computes it again.
+  fresh = tmp_path / 'fresh'
+  fresh.mkdir()
+  (fresh / dpo.REFERENCE_LOGPS).write_text(before)
+  c = _config(files)
+  c.init_from, c.dpo.reference = straight, 'precompute'
+  monkeypatch.setattr(dpo, 'reference_logps', lambda r, begin, data: np.full((len(data.train_pairs) + len(
+      data.eval_pairs), 2), -1.0, np.float32))
+  dpo.prepare_reference(c, str(fresh), PreferenceData(c.data, SEQ), dpo.checkpoint.params_from(straight))
+  assert json.loads((fresh / dpo.REFERENCE_LOGPS).read_text())['init_from'] == straight
   # Training moved the policy away from its reference: the held-out pairs are told apart.
   with open(os.path.join(straight, 'eval_results.json')) as f:
     evals = json.load(f)

@@ -77,28 +77,36 @@ def reference_logps(trainer_run: run.Run, start: checkpoint.Start, data) -> np.n
   return table
 
 
+def _same_path(a, b) -> bool:
+  return str(epath.Path(str(a))) == str(epath.Path(str(b)))  # 'demo/sft/' is 'demo/sft'
+
+
 def prepare_reference(config, workdir: str, data, init_params):
   """Gives `data` the reference log-probabilities of its pairs: from the workdir, or computed from the
-  starting model (then saved). Returns the `init_params` for the loop: the start already loaded for
-  the pass, when the run is fresh."""
+  starting model (then saved). A resumed run whose pairs changed computes them again from the model it
+  started from, and refuses another config.init_from. Returns the `init_params` for the loop: the start
+  already loaded for the pass, when the run is fresh."""
   path = epath.Path(workdir) / REFERENCE_LOGPS
   fingerprint = data.fingerprint()
   resuming = bool(params_lib.saved_steps(os.path.join(workdir, 'checkpoints')))
   if path.exists():
     saved = json.loads(path.read_text())
-    if saved['fingerprint'] == fingerprint:
-      # Even if init_from now names another path: the reference is the start this run began from.
+    same_pairs = saved['fingerprint'] == fingerprint
+    same_start = _same_path(saved.get('init_from', ''), config.init_from)
+    if same_pairs and (resuming or same_start):
+      # Resuming, the reference is the model the run started from, whatever path init_from now gives.
       logging.info('Reference log-probabilities of %d pairs read from %s', len(saved['logps']), path)
       data.set_reference(np.asarray(saved['logps'], np.float32))
       return init_params
-    if resuming and saved.get('init_from') != str(config.init_from):
+    if resuming and not same_start:
       raise validate.ConfigError(
           f'{path} holds the reference log-probabilities of the model this run started from, '
           f'config.init_from={saved.get("init_from")}; the preference pairs have changed since, and their '
           f'reference must be that model too, not config.init_from={config.init_from}: resume with '
           f'--config.init_from={saved.get("init_from")}, or use a new --workdir')
-    logging.warning('%s was computed for other preference pairs (the data changed); computing them '
-                    'again from config.init_from=%s', path, config.init_from)
+    logging.warning('%s was computed for %s; computing them again from config.init_from=%s', path,
+                    'other preference pairs (the data changed)' if not same_pairs else
+                    f'another starting model ({saved.get("init_from")})', config.init_from)
   trainer_run = run.Run(config, tokenizer_vocab=data.vocab_size)
   start = init_params(trainer_run)
   table = reference_logps(trainer_run, start, data)
