@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from data.batch import empty_like
 from data.records import BadRecord
 from model import adapters as adapters_lib
-from model import checksums
+from model import checksums, runtime
 from model import params as params_lib
 from train import batches as batches_lib
 from train import checkpoint as checkpoint_lib
@@ -264,12 +264,12 @@ class Trainer:
       self.evaluate(0)
     try:
       step, stopped_by = self._loop(step)
+      if stopped_by is None and stopping_early.stopped_at is None and (
+          self.resumed_from is None or self.resumed_from < tcfg.steps):
+        self.evaluate(step, final=True)  # while the last checkpoint is written
     except BaseException as e:
       self._after_failure(e)
       raise
-    if stopped_by is None and stopping_early.stopped_at is None and (
-        self.resumed_from is None or self.resumed_from < tcfg.steps):
-      self.evaluate(step, final=True)
     self.ckpt.wait()
     if self.primary:
       stopping_early.publish(self.workdir, self.ckpt.directory)
@@ -297,12 +297,20 @@ class Trainer:
     """Keeps what the run has done: the checkpoint in flight finishes (unless the user interrupted, or
     it is what failed), and the metrics are flushed. The input pipeline is left running: destroying
     a tf.data iterator with work in flight can deadlock (model/runtime.py ends the process)."""
+    lost = None
     if not isinstance(error, (KeyboardInterrupt, checkpoint_lib.CheckpointNotWritten)):
       try:
         self.ckpt.wait()
+      except checkpoint_lib.CheckpointNotWritten as e:
+        lost = e
       except Exception as e:  # pylint: disable=broad-exception-caught
         logging.error('The checkpoint in flight failed too: %s', e)
     self.writer.close()
+    if lost is not None:
+      # Often the same cause (a full disk fails the save in flight and then the next metrics write):
+      # which checkpoint is lost and which is intact is what the user needs to read first.
+      logging.error('%s', runtime.describe(error))
+      raise lost from error
 
   def _loop(self, step: int) -> tuple[int, str | None]:
     """Steps to `train.steps` or a stop signal; returns the step reached and what stopped it (None:
