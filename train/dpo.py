@@ -138,11 +138,8 @@ def train(config, workdir: str, data=None) -> dict[str, float]:
         '(the reference is then the base with those adapters), or merge them into the base first')
   init = checkpoint.params_from(config.init_from)
 
-  def make_data():  # called by loop.train once the workdir is locked, unless the run finished already
+  def make_data():  # by loop.train once the workdir is locked and its config checked (unless finished)
     nonlocal init
-    # A resume with another config is refused (as the loop would) before the table is read or rewritten.
-    workdir_lib.check_config(config, workdir,
-                             bool(params_lib.saved_steps(os.path.join(workdir, 'checkpoints'))))
     pairs = data
     if pairs is None:
       from data.preference import PreferenceData  # pylint: disable=import-outside-toplevel  (TensorFlow)

@@ -83,7 +83,6 @@ class Trainer:
     self.primary = jax.process_index() == 0
     checkpoints = os.path.join(workdir, 'checkpoints')
     self.resumed_from = (params_lib.saved_steps(checkpoints) or [None])[-1]
-    workdir_lib.check_config(config, workdir, self.resumed_from is not None)
 
     tcfg = config.train
     shard_index, shard_count, local_batch = batches_lib.data_shard(run.batch_sharding, tcfg.batch_size)
@@ -383,4 +382,7 @@ def train(config: Any, workdir: str, data: DataSource | Callable[[], DataSource]
                       'are kept. Raise --config.train.steps to train on, or use a new --workdir.',
                       workdir, final['step'], config.train.steps)
       return final
+    # Before the data is built (train.dpo's reference pass writes to the workdir while building it).
+    workdir_lib.check_config(config, workdir,
+                             bool(params_lib.saved_steps(os.path.join(workdir, 'checkpoints'))))
     return Trainer(config, workdir, data() if callable(data) else data, init_params).fit()
