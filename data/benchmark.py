@@ -15,9 +15,10 @@ import tempfile
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from data import config, records
+import runtime
+from data import config
 
 FLAGS = flags.FLAGS  # defined by _define_flags() when run as a program
 
@@ -157,4 +158,4 @@ def _define_flags():
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(records.reporting_bad_input(main))
+  runtime.run(main)

@@ -43,6 +43,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from data import records
 from data.tokenizer import CHAT_SPECIAL_TOKENS as _MARKERS
 from data.tokenizer import Tokenizer, load_tokenizer
+import runtime
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'chat_templates')
 # The built-in templates (TEMPLATE_DIR/NAME.jinja) and the special tokens each needs the tokenizer to
@@ -514,4 +515,4 @@ def define_flags():
 
 if __name__ == '__main__':
   define_flags()
-  app.run(records.reporting_bad_input(main))
+  runtime.run(main)

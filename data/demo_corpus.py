@@ -23,14 +23,13 @@ import json
 import os
 import random
 import re
-import sys
 import sysconfig
 from typing import Iterator
 
 import tqdm
-from absl import app, flags
+from absl import flags
 
-from data import records
+import runtime
 
 FLAGS = flags.FLAGS  # defined by _define_flags() when run as a program
 
@@ -226,4 +225,4 @@ def _define_flags():
 
 if __name__ == '__main__':
   _define_flags()
-  sys.exit(app.run(records.reporting_bad_input(main)))
+  runtime.run(main)

@@ -23,9 +23,9 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import numpy as np  # pylint: disable=wrong-import-position
 from absl import app, flags  # pylint: disable=wrong-import-position
 
-from data import records  # pylint: disable=wrong-import-position
 from data.config import SFT_FORMATS  # pylint: disable=wrong-import-position
 from data.iterator import DatasetIterator  # pylint: disable=wrong-import-position
+import runtime  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS  # defined by define_flags() when run as a program
 
@@ -160,4 +160,4 @@ def define_flags():
 
 if __name__ == '__main__':
   define_flags()
-  app.run(records.reporting_bad_input(main))
+  runtime.run(main)

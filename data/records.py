@@ -7,13 +7,9 @@ message starts with `where`; counts of what was skipped or repaired go into a `C
 """
 
 import collections
-import functools
 import json
-import logging
-import os
-import sys
 import threading
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from data.config import UTF8_POLICIES
 
@@ -75,28 +71,3 @@ def lines(f: BinaryIO, path: str) -> Iterator[tuple[str, bytes, int]]:
   for n, line in enumerate(f, 1):
     yield f'{path}:{n}', line.rstrip(b'\r\n'), offset
     offset += len(line)
-
-
-def reporting_bad_input(main: Callable) -> Callable:
-  """The main of a data/ command, for absl's app.run (model/runtime.py, which the other commands
-  use, is out of data/'s reach): bad input (a bad record, a missing or unreadable file, a value the
-  libraries refuse) ends the program with one `error: ...` line and status 1, not a traceback. Either
-  way the process ends with os._exit once its output is flushed: a normal interpreter exit can wait
-  forever on tf.data's worker threads (data.inspect leaves a pipeline in mid-read)."""
-  @functools.wraps(main)
-  def wrapped(argv):
-    try:
-      code = main(argv) or 0
-    except SystemExit as e:  # sys.exit(...) inside main: a message (status 1) or a status
-      if isinstance(e.code, str):
-        print(e.code, file=sys.stderr)
-      code = 1 if isinstance(e.code, str) else (e.code or 0)
-    except (BadRecord, OSError, ValueError, RuntimeError) as e:  # RuntimeError: SentencePiece's
-      print(f'error: {e}', file=sys.stderr)
-      code = 1
-    for handler in logging.getLogger().handlers:
-      handler.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # pylint: disable=protected-access
-  return wrapped

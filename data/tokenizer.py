@@ -19,15 +19,14 @@ LlamaTokenizer) prefixes "▁" as transformers' LlamaTokenizer does, by its `leg
 import json
 import os
 import re
-import sys
 import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
 
-from data import records
+import runtime
 
 
 class Tokenizer:
@@ -540,4 +539,4 @@ def define_flags():
 
 if __name__ == '__main__':
   define_flags()
-  sys.exit(app.run(records.reporting_bad_input(main)))
+  runtime.run(main)

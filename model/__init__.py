@@ -8,7 +8,7 @@ import os
 
 # Before JAX loads: XLA and TensorFlow (the input pipelines) log through one C++ logger whose level is
 # read once, when jaxlib loads. Errors only: TensorFlow would otherwise log every bad input record's
-# Python traceback twice before the one-line error (model/runtime.py). TF_CPP_MIN_LOG_LEVEL=0 shows
+# Python traceback twice before the one-line error (runtime/__init__.py). TF_CPP_MIN_LOG_LEVEL=0 shows
 # XLA's INFO and WARNING lines again.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 

@@ -3,6 +3,7 @@
 import dataclasses
 from typing import Any, Mapping
 
+import jax
 import ml_dtypes
 import numpy as np
 
@@ -151,3 +152,9 @@ def preset(name: str, **overrides) -> ModelConfig:
   if name not in PRESETS:
     raise ValueError(f'Unknown model preset {name!r}; known: {sorted(PRESETS)}')
   return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def compute_dtype(name: str | None = None) -> str:
+  """`name`, or this machine's default compute dtype for running a model: float32 on CPU (the numbers
+  a float32 reference computes; a CPU has no faster bfloat16 matmuls), bfloat16 on accelerators."""
+  return name or ('float32' if jax.default_backend() == 'cpu' else 'bfloat16')

@@ -11,7 +11,7 @@ Qwen3), and a check that both compute the same logits.
 `import` reads `config.json` and the (sharded) safetensors, derives a ModelConfig (saying which preset it
 matches), and writes `<out>/checkpoints/0/{state,model_config}`: the layout our trainers write, so that
 `--config.init_from=<out>` and `python -m model.generate --ckpt <out>` read it. Peak memory stays near
-one copy of the weights in the stored dtype (model/hf.py; docs/huggingface.md has the measured figure).
+one copy of the weights in the stored dtype (model/weights/hf.py; docs/huggingface.md has the measured figure).
 
 `export` is the inverse: safetensors (sharded past --shard-size-gb) plus `config.json` and
 `generation_config.json`, which `transformers` (and vLLM) load as the same architecture, and the
@@ -41,11 +41,12 @@ from absl import app, flags
 
 from data import chat
 from data.tokenizer import check_vocab, load_tokenizer
-from model import adapters, hf, params, peft, runtime
 from model.config import ARCHITECTURE_FIELDS, DTYPES, ModelConfig
-from model.generate import compute_dtype
+from model.config import compute_dtype
 from model.lora import LoraConfig
 from model.transformer import Transformer
+from model.weights import adapters, hf, params, peft
+import runtime
 
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model')
 

@@ -19,7 +19,7 @@ saying so. Every task's data is read before the checkpoint is.
 
 `generate-metrics` answers each held-out record (any SFT format: data/instructions.py) greedily, from
 the conversation before its last assistant message, and scores the answers against those messages
-(model/task_metrics.py: exact match, token F1, ROUGE-1/2/L, BLEU, chrF), per task where records have a
+(model/evaluation/task_metrics.py: exact match, token F1, ROUGE-1/2/L, BLEU, chrF), per task where records have a
 "task" field; --output writes each answer and its scores as JSONL.
 
 Multi-host (a TPU slice): run the same command on every host. Each runs the whole (deterministic)
@@ -36,9 +36,12 @@ from absl import app, flags, logging
 from data import chat, instructions
 from data import config as data_config
 from data.tokenizer import load_tokenizer
-from model import params as params_lib
-from model import runtime, sharding, task_metrics
-from model.generate import Generator, define_model_flags, model_from_flags
+from model import sharding
+from model.evaluation import task_metrics
+from model.generate import define_model_flags, model_from_flags
+from model.inference.sampler import Generator
+from model.weights import params as params_lib
+import runtime
 
 FLAGS = flags.FLAGS  # defined by define_flags() when run as a program
 # Each command and the flags it needs (runtime.parse_command checks them); without a command, lm-eval.
@@ -57,7 +60,7 @@ def run_lm_eval():
     from lm_eval.loggers import EvaluationTracker  # pylint: disable=import-outside-toplevel
     from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
     from lm_eval.utils import make_table  # pylint: disable=import-outside-toplevel
-    from model.harness import FlaxLM  # pylint: disable=import-outside-toplevel  (imports lm_eval)
+    from model.evaluation.harness import FlaxLM  # pylint: disable=import-outside-toplevel  (imports lm_eval)
   except ImportError as e:
     raise SystemExit(f'python -m model.evaluate needs lm-eval ({e}): pip install -r requirements-eval.txt')
   # What lm-eval records as the model's arguments; `pretrained` names the output folder.

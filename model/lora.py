@@ -14,7 +14,7 @@ its backward pass (`dequantized_einsum`), never kept whole: the backward pass re
 than saving it.
 
 This module is pure math and configuration; the model (model/transformer.py) creates the parameters,
-and model/adapters.py loads and saves them.
+and model/weights/adapters.py loads and saves them.
 """
 
 import dataclasses
@@ -288,7 +288,7 @@ def quantize(w, kind: str, block: int, axis: int):
 
 def quantize_params(params, lora: LoraConfig) -> dict:
   """A plain parameter tree with every projection weight stored as `lora.base_dtype` says: codes
-  under the weight's name and block scales beside it (the whole tree at once; model/adapters.py
+  under the weight's name and block scales beside it (the whole tree at once; model/weights/adapters.py
   quantizes a checkpoint a layer at a time)."""
   out = {}
   for path, w in traverse_util.flatten_dict(params).items():

@@ -7,7 +7,7 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Entry points run as subprocesses keep glibc's allocator defaults: tests compile far more than they
-# step (model/host_memory.py).
+# step (runtime/host_memory.py).
 os.environ.setdefault('FLAXLM_KEEP_FREED_MEMORY', '0')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

@@ -7,8 +7,8 @@ import re
 import pytest
 
 from configs import default, tiny
-from data.records import BadRecord
 from data.pretrain import PretrainData
+from data.records import BadRecord
 from data.synthetic import SyntheticData
 from train import checkpoint, loop, validate
 from train import run as run_lib

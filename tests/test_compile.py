@@ -107,7 +107,7 @@ def test_compiles_the_model_of_init_from(tmp_path):
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from model import ModelConfig, abstract_params, count_params  # pylint: disable=import-outside-toplevel
-  from model import params as params_lib  # pylint: disable=import-outside-toplevel
+  from model.weights import params as params_lib  # pylint: disable=import-outside-toplevel
   cfg = ModelConfig(vocab_size=512, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                     mlp_dim=128, max_seq_len=1024, qk_norm=True)
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(cfg))

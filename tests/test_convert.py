@@ -23,10 +23,10 @@ transformers = pytest.importorskip('transformers', reason='transformers is not i
 
 from data import chat
 from model import Transformer, convert
-from model import hf as hf_lib
-from model import params as params_lib
+from model.inference.sampler import Generator, SamplingConfig
+from model.weights import hf as hf_lib
+from model.weights import params as params_lib
 from tests.cli import run_cli
-from model.generate import Generator, SamplingConfig
 
 VOCAB = 160
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

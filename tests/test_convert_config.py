@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from model import ModelConfig, Transformer, convert
-from model import hf as hf_lib
-from model import params as params_lib
+from model.weights import hf as hf_lib
+from model.weights import params as params_lib
 
 # A tiny config.json's shape fields (tests/test_convert.py builds its models with the same).
 COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

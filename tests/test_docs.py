@@ -10,7 +10,7 @@ are defined exactly as on the command line, and absl parses the command: unknown
 wrong type, missing required flags, a config file that does not load (with its `:options`), and
 `--config.a.b=value` overrides of keys that `get_config()` does not have are all errors. A command
 with subcommands (model.convert) has its subcommand and the flags it needs checked by the same
-function its main calls (model/runtime.py `parse_command`).
+function its main calls (runtime/__init__.py `parse_command`).
 
 Placeholders are fine where a value is meant to be filled in: `$VAR`, `{var}`, `<thing>`, `...` and
 ALL-CAPS words (DIR, CKPT, N, HOST:PORT). For a flag whose value must be a number or one of some
@@ -245,7 +245,7 @@ def _split(arg: str):
 
 def _check_absl(module: str, commands: list[list[str]], flag_values, subcommands=None,
                 default_command=None) -> list[str]:
-  from model import runtime  # pylint: disable=import-outside-toplevel
+  import runtime  # pylint: disable=import-outside-toplevel
   base = set(flag_values)
   results = []
   for args, complete in commands:

@@ -16,7 +16,7 @@ from data.preference import PreferenceData
 from data.records import BadRecord
 from data.synthetic import SyntheticData
 from model import Transformer
-from model import params as params_lib
+from model.weights import params as params_lib
 from tests.tokenizers_for_tests import make_hf_tokenizer
 from train import dpo, loop, run as run_lib, step, validate
 

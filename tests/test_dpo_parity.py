@@ -23,7 +23,7 @@ from configs import default
 from data import chat
 from data.preference import PreferenceData
 from model import convert
-from model import params as params_lib
+from model.weights import params as params_lib
 from tests.hf_models import random_llama
 from tests.tokenizers_for_tests import make_hf_tokenizer
 from train import dpo, step

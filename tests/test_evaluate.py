@@ -1,4 +1,4 @@
-"""lm-evaluation-harness in process (model/harness.py) against the harness's own Hugging Face backend,
+"""lm-evaluation-harness in process (model/evaluation/harness.py) against the harness's own Hugging Face backend,
 and `python -m model.evaluate` as a user runs it.
 
 A tiny random Llama is built with torch (float32, CPU) and imported; both lm-eval backends run the
@@ -26,9 +26,10 @@ from lm_eval.tasks import TaskManager  # pylint: disable=wrong-import-position
 
 from data import chat  # pylint: disable=wrong-import-position
 from data.tokenizer import load_tokenizer
-from model import convert, task_metrics
+from model import convert
+from model.evaluation import task_metrics
+from model.evaluation.harness import FlaxLM
 from model.generate import load_model
-from model.harness import FlaxLM
 from tests.cli import run_cli
 from tests.tokenizers_for_tests import make_hf_tokenizer
 

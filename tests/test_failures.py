@@ -23,8 +23,8 @@ import pytest
 from data import config as data_config
 from data import instructions, records, sources
 from data.iterator import DatasetIterator
-from model import checksums
-from model import params as params_lib
+from model.weights import checksums
+from model.weights import params as params_lib
 from train import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from model import params as params_lib
+from model.weights import params as params_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from model import ModelConfig, Transformer
-from model.generate import Generator, SamplingConfig, left_pad, sample_logits
 from model import sharding
+from model.inference.sampler import Generator, SamplingConfig, left_pad, sample_logits
 from tests.cli import run_cli
-from train import checkpoint
 from tests.tokenizers_for_tests import make_hf_tokenizer, make_sp_tokenizer
+from train import checkpoint
 
 CFG = ModelConfig(vocab_size=512, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                   mlp_dim=128, dtype='float32', max_seq_len=128, init_std=0.1, rope_theta=500000.0)

@@ -1,4 +1,4 @@
-"""model/host_memory.py: XLA:CPU's per-execution buffers stop being page-faulted in at every call."""
+"""runtime/host_memory.py: XLA:CPU's per-execution buffers stop being page-faulted in at every call."""
 
 import fnmatch
 import json
@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from model import host_memory
+from runtime import host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the buffer settles into one of two places within a few calls, so the least of 9 calls is compared.
 _PROBE = textwrap.dedent("""
     import json, resource, sys
-    from model import host_memory
+    from runtime import host_memory
     changed = host_memory.keep_freed_memory() if sys.argv[1] == 'keep' else False
     import jax, jax.numpy as jnp
     a = jnp.ones((8192, 32), jnp.float32) / 32

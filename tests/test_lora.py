@@ -17,12 +17,13 @@ import pytest
 
 from configs import tiny
 from data.synthetic import SyntheticData, synthetic_global_batch
-from model import ModelConfig, Transformer, adapters, init_params
+from model import ModelConfig, Transformer, init_params
 from model import lora as lora_lib
-from model import params as params_lib
 from model import sharding
-from model.generate import Generator, SamplingConfig
+from model.inference.sampler import Generator, SamplingConfig
 from model.lora import LoraConfig
+from model.weights import adapters
+from model.weights import params as params_lib
 from tests.cli import run_cli
 from train import checkpoint, loop, optimizer, validate
 from train import run as run_lib

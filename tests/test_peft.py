@@ -18,8 +18,9 @@ peft = pytest.importorskip('peft', reason='peft is not installed')
 
 from configs import tiny
 from data.synthetic import SyntheticData
-from model import Transformer, adapters, convert
-from model import params as params_lib
+from model import Transformer, convert
+from model.weights import adapters
+from model.weights import params as params_lib
 from tests.cli import run_cli
 from tests.hf_models import random_llama
 from train import checkpoint, loop

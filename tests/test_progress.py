@@ -17,9 +17,10 @@ from pydoc_data import topics
 
 from data import demo_corpus
 from data import tokenizer as tokenizer_lib
-from model import Transformer, convert, task_metrics
-from model import params as params_lib
+from model import Transformer, convert
 from model.config import preset
+from model.evaluation import task_metrics
+from model.weights import params as params_lib
 
 
 class _Terminal(io.StringIO):

@@ -16,7 +16,7 @@ from data import demo_corpus
 from data.records import BadRecord
 from data.sft import SFTData
 from model import ModelConfig, Transformer
-from model import params as params_lib
+from model.weights import params as params_lib
 from train import checkpoint, evaluation, loop, step as step_lib, validate
 from train import run as run_lib
 

@@ -1,4 +1,4 @@
-"""Task metrics (model/task_metrics.py) give the values of the libraries people report with, on fixed
+"""Task metrics (model/evaluation/task_metrics.py) give the values of the libraries people report with, on fixed
 strings: SQuAD's normalisation and F1 (as lm-evaluation-harness ships SQuAD v1.1's script), ROUGE from
 rouge-score, BLEU and chrF from sacrebleu as lm-eval aggregates them."""
 
@@ -8,7 +8,7 @@ from lm_eval.api import metrics as lm_eval_metrics
 from lm_eval.tasks.qasper import metrics as squad_v1  # "Taken from the official evaluation script"
 from rouge_score import rouge_scorer
 
-from model import task_metrics
+from model.evaluation import task_metrics
 
 PREDICTIONS = ['The cat sat on the mat.', 'Running dogs', 'Paris, France', '42', '',
                'the quick brown fox jumps over the lazy dog', 'a', 'Ça va très bien']

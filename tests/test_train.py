@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from data.pretrain import PretrainData
 from train import checkpoint, loop
 from train import run as run_lib
-from data.pretrain import PretrainData
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -24,7 +24,8 @@ from absl import flags
 
 from data.synthetic import synthetic_global_batch, synthetic_preference_batch
 from model import attention as attention_lib
-from model import runtime, scoring
+from model.inference import scoring
+import runtime
 from train import batches as batches_lib
 from train import chips
 from train import metrics as metrics_lib
@@ -135,7 +136,7 @@ def benchmark(config, steps: int = 10, warmup: int = 2) -> dict[str, float]:
 
 
 def benchmark_loglikelihood(config, calls: int = 5) -> dict[str, float]:
-  """Tokens/s of lm-eval's log-likelihood path (model/scoring.py: the forward pass and the chunked
+  """Tokens/s of lm-eval's log-likelihood path (model/inference/scoring.py: the forward pass and the chunked
   log-softmax, host work included) on the step's model and mesh, for requests that fill rows of
   train.seq_len tokens, train.batch_size rows per batch, 4 batches per call; median of `calls`."""
   run = run_lib.Run(config)

@@ -1,12 +1,12 @@
 """Training checkpoints: the train state plus each host's input-pipeline position, saved by orbax.
 
-A step folder (model/params.py defines it) holds `state/` (step, params, optimizer state),
+A step folder (model/weights/params.py defines it) holds `state/` (step, params, optimizer state),
 `model_config/`, `checksums.json`, and here also `data/` (one blob per host: its input pipeline's
 position). Orbax writes a step to a temporary folder and renames it only when every host has
 finished; the primary host checksums the finished files in orbax's background thread just before
-that rename (model/checksums.py), so an interrupted save never looks like a checkpoint and a committed
+that rename (model/weights/checksums.py), so an interrupted save never looks like a checkpoint and a committed
 one always has its manifest. Restores check it. A LoRA run saves its adapters and their optimizer
-state, never the frozen base: its `lora/` item refers to the base's own checkpoint (model/adapters.py),
+state, never the frozen base: its `lora/` item refers to the base's own checkpoint (model/weights/adapters.py),
 from which a resumed run reloads it. Also: the starting point of a fine-tuning run
 (`config.init_from`): the model it defines (`model_config`) and its parameters, checked against the
 config (`params_from`); and `python -m train.checkpoint verify DIR`.
@@ -32,12 +32,14 @@ from absl import flags, logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from model import ModelConfig, abstract_params, checksums, count_params, runtime
-from model import adapters as adapters_lib
-from model import hf
-from model import params as params_lib
+from model import ModelConfig, abstract_params, count_params
 from model.config import ARCHITECTURE_FIELDS, COMPUTE_FIELDS, PRESETS
 from model.lora import LoraConfig
+from model.weights import adapters as adapters_lib
+from model.weights import checksums
+from model.weights import hf
+from model.weights import params as params_lib
+import runtime
 from train import validate
 
 DATA = 'data'  # the item holding each host's input position

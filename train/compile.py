@@ -17,7 +17,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from model import runtime
+import runtime
 from train import run, topology
 
 FLAGS = flags.FLAGS

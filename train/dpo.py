@@ -18,14 +18,14 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
 from jax.experimental import multihost_utils
 
 from data.batch import empty_like
 from model import lora as lora_lib
-from model import params as params_lib
-from model import runtime
+from model.weights import params as params_lib
+import runtime
 from train import batches as batches_lib
 from train import checkpoint, loop, run, validate
 from train import workdir as workdir_lib
@@ -160,4 +160,4 @@ def main(argv):
 
 if __name__ == '__main__':
   run.define_flags()
-  app.run(main)
+  runtime.run(main)

@@ -3,7 +3,7 @@
 which also keeps the best checkpoint.
 
 Generation: every `every_steps` steps (0: with each held-out loss evaluation, train.eval_every), the
-model answers the first `num_prompts` held-out conversations greedily (model/task_metrics.py), and
+model answers the first `num_prompts` held-out conversations greedily (model/evaluation/task_metrics.py), and
 the scores join that step's entry of eval_results.json, metrics.jsonl and TensorBoard as
 `eval_<metric>` (eval_exact_match, eval_rougeL, ...); each evaluation's answers go to
 generation_samples/<step>.jsonl.
@@ -14,7 +14,7 @@ than `min_delta` (lower is better for mode 'min', higher for 'max'; by default m
 eval_perplexity, max for task metrics). After `patience` evaluations in a row without a new best the
 run stops (patience 0: it never stops, the best is still kept). The best step is saved even when
 checkpoint.every_steps would not save it, kept whatever checkpoint.keep rotates away, and named in
-WORKDIR/best_checkpoint.json, which `--ckpt WORKDIR:best` reads (model/params.py). A resumed run
+WORKDIR/best_checkpoint.json, which `--ckpt WORKDIR:best` reads (model/weights/params.py). A resumed run
 replays the evaluations in eval_results.json up to its step, so that it knows the best so far and how
 many evaluations have passed without one.
 """
@@ -26,9 +26,10 @@ from typing import Any
 from absl import logging
 from etils import epath
 
-from model import params as params_lib
-from model import sharding, task_metrics
-from model.generate import Generator
+from model import sharding
+from model.evaluation import task_metrics
+from model.inference.sampler import Generator
+from model.weights import params as params_lib
 from train import validate
 from train import workdir as workdir_lib
 

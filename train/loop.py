@@ -5,7 +5,7 @@ from the workdir's newest intact checkpoint) -> jitted step over the host's batc
 logs and checkpoints. Everything that can fail on bad input (config, data, tokenizer, checkpoint,
 init_from) is tried before anything is written to the workdir; a finished run is left as it is. The
 data source is the only thing that differs between the entry points. Process setup (logs,
-jax.distributed, host memory) and ending (model/runtime.py) are the entry point's.
+jax.distributed, host memory) and ending (runtime/__init__.py) are the entry point's.
 """
 
 import json
@@ -20,9 +20,10 @@ from jax.experimental import multihost_utils
 
 from data.batch import empty_like
 from data.records import BadRecord
-from model import adapters as adapters_lib
-from model import checksums, runtime
-from model import params as params_lib
+from model.weights import adapters as adapters_lib
+from model.weights import checksums
+from model.weights import params as params_lib
+import runtime
 from train import batches as batches_lib
 from train import checkpoint as checkpoint_lib
 from train import evaluation as evaluation_lib
@@ -295,7 +296,7 @@ class Trainer:
   def _after_failure(self, error: BaseException):
     """Keeps what the run has done: the checkpoint in flight finishes (unless the user interrupted, or
     it is what failed), and the metrics are flushed. The input pipeline is left running: destroying
-    a tf.data iterator with work in flight can deadlock (model/runtime.py ends the process)."""
+    a tf.data iterator with work in flight can deadlock (runtime/__init__.py ends the process)."""
     lost = None
     if not isinstance(error, (KeyboardInterrupt, checkpoint_lib.CheckpointNotWritten)):
       try:

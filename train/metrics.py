@@ -9,7 +9,7 @@ from absl import logging
 from etils import epath
 
 from model import ModelConfig
-from model.params import is_remote
+from model.weights.params import is_remote
 
 def matmul_params(cfg: ModelConfig) -> int:
   """Parameters that take part in a matmul per token (the embedding lookup is not a matmul)."""

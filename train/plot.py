@@ -20,8 +20,10 @@ import statistics
 import sys
 from typing import Any, Sequence
 
-from absl import app, flags
+from absl import flags
 from etils import epath
+
+import runtime
 
 PANELS = (  # (metric key in metrics.jsonl, panel title, y label)
     ('loss', 'Loss', 'cross-entropy (nats/token)'),
@@ -200,4 +202,4 @@ def define_flags():
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  runtime.run(main)

@@ -9,7 +9,7 @@ those parameters, e.g. with LoRA (`--config.lora.rank=16`) on new text.
 from absl import flags
 
 from data.synthetic import SyntheticData
-from model import runtime
+import runtime
 from train import checkpoint, loop, run
 
 FLAGS = flags.FLAGS  # --config and --workdir: run.define_flags(), when run as a program

@@ -9,7 +9,7 @@ restarted job resumes where it stopped.
 
 from absl import flags, logging
 
-from model import runtime
+import runtime
 from train import checkpoint, loop, run
 
 FLAGS = flags.FLAGS  # --config and --workdir: run.define_flags(), when run as a program

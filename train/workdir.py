@@ -23,7 +23,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from model.params import is_remote, saved_steps
+from model.weights.params import is_remote, saved_steps
 from train import validate
 
 LOCK = 'run.lock'

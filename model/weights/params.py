@@ -3,9 +3,9 @@
 A step folder `<checkpoints>/<step>/` holds `state/` (an orbax PyTree whose `params` subtree is the
 model's parameters; training adds the step counter and optimizer state beside it, see
 train/checkpoint.py) and `model_config/` (the ModelConfig as JSON), so that the folder alone rebuilds
-the model, and `checksums.json` (model/checksums.py). A LoRA step folder's `params` are only the
+the model, and `checksums.json` (model/weights/checksums.py). A LoRA step folder's `params` are only the
 adapters; its `lora/` item (JSON) holds their LoraConfig and a reference to the frozen base's own step
-folder, with the base's fingerprint (model/adapters.py). This module resolves such folders (from a
+folder, with the base's fingerprint (model/weights/adapters.py). This module resolves such folders (from a
 workdir, `WORKDIR:best`, its checkpoints/ folder, or the step folder itself), reads a step's model
 config, loads its parameters with a shape check first and their checksums checked alongside, and
 writes parameters-only step folders (Hugging Face imports). Local or gs:// paths (etils.epath).
@@ -25,10 +25,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from model import checksums, sharding
+from model import sharding
 from model.config import DTYPES, ModelConfig
 from model.lora import LoraConfig
 from model.transformer import abstract_params
+from model.weights import checksums
 
 STATE, MODEL_CONFIG, LORA = 'state', 'model_config', 'lora'  # the items of a step folder
 # `WORKDIR:best` names the step that a run's early stopping judged best (config.train.early_stopping):

@@ -21,8 +21,8 @@ import jax
 import numpy as np
 import tqdm
 
-from model import safetensors
 from model.config import ARCHITECTURE_FIELDS, PRESETS, ModelConfig
+from model.weights import safetensors
 
 # --------------------------------------------------------------------------------------------------
 # config.json <-> ModelConfig

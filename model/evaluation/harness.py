@@ -1,5 +1,5 @@
 """lm-evaluation-harness's model API (its TemplateLM) over a flaxlm model: the harness's tasks run in
-process, every request type on the mesh: `loglikelihood` (multiple choice; model/scoring.py),
+process, every request type on the mesh: `loglikelihood` (multiple choice; model/inference/scoring.py),
 `loglikelihood_rolling` (perplexity) and `generate_until` (model/generate.py's KV-cache Generator).
 
 Each request is computed as the harness's Hugging Face backend (`lm_eval --model hf`) computes it, so
@@ -16,7 +16,7 @@ that scores compare with the numbers people publish (tests/test_evaluate.py chec
   cut anyway.
 
 The parameters are whatever the caller loaded: plain weights, or LoRA adapters joined with their
-frozen base (model/adapters.py load_model), run unmerged with their `lora` config. Multi-host: every process reports itself as
+frozen base (model/weights/adapters.py load_model), run unmerged with their `lora` config. Multi-host: every process reports itself as
 the harness's only one (rank 0 of 1) and runs every request; the harness is deterministic (seeded,
 local data), so every host issues the same computations on the mesh, as SPMD programs need. Write
 files on process 0 only.
@@ -33,9 +33,9 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 
 from model import sharding
 from model.config import ModelConfig
-from model.generate import Generator, SamplingConfig
+from model.inference.sampler import Generator, SamplingConfig
+from model.inference.scoring import Scorer
 from model.lora import LoraConfig
-from model.scoring import Scorer
 from model.transformer import count_params
 
 SAMPLING_KWARGS = ('do_sample', 'temperature', 'top_k', 'top_p')

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import tqdm
 
-from model.generate import Generator, SamplingConfig
+from model.inference.sampler import Generator, SamplingConfig
 
 METRICS = ('exact_match', 'f1', 'rouge1', 'rouge2', 'rougeL', 'bleu', 'chrf')
 _ROUGE = ('rouge1', 'rouge2', 'rougeL')

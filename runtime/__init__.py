@@ -2,7 +2,7 @@
 
 `run(main)` starts every entry point (the trainers, train.compile, train.benchmark, train.checkpoint,
 model.generate, model.convert, model.evaluate) in place of absl's `app.run`, and `setup()` is the
-first thing their main does: the C allocator's setting for CPU hosts (model/host_memory.py, before JAX
+first thing their main does: the C allocator's setting for CPU hosts (runtime/host_memory.py, before JAX
 starts a backend), a log that keeps libraries' warnings but only our own INFO lines, and joining a
 multi-process run when one is configured or detected.
 
@@ -36,7 +36,7 @@ import jax
 from absl import app, flags, logging
 from etils import epath
 
-from model import host_memory
+from runtime import host_memory
 
 _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

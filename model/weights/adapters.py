@@ -1,7 +1,7 @@
 """LoRA models on disk: the frozen base a checkpoint of adapters refers to, loaded (and quantized) the
 way its LoraConfig says and checked against the fingerprint saved with the adapters.
 
-A LoRA step folder (model/params.py) holds only the adapters (and, in training, their optimizer
+A LoRA step folder (model/weights/params.py) holds only the adapters (and, in training, their optimizer
 state); its `lora` item names the base's own step folder and that base's fingerprint
 (`fingerprint`: a hash per parameter), so that adapters never silently run on another base. Loading a
 quantized base (int8 / nf4) reads it on the host and quantizes it a layer at a time on the device, so
@@ -18,9 +18,9 @@ import numpy as np
 from flax import traverse_util
 
 from model import lora as lora_lib
-from model import params as params_lib
 from model.config import DTYPES, ModelConfig
 from model.lora import LoraConfig
+from model.weights import params as params_lib
 
 
 def fingerprint(params) -> dict[str, int]:

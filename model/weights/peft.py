@@ -4,7 +4,7 @@ our adapters: names, layouts and settings, both ways.
 PEFT keeps, for each adapted module of a Llama/Mistral/Qwen2 model, `lora_A.weight` [r, in] and
 `lora_B.weight` [out, r] under `base_model.model.<module>` and computes `W x + s B A x` with
 `s = lora_alpha / r` (`/ sqrt(r)` with `use_rslora`). Ours are A [in dims..., r] and B [r, out dims...]
-in the weight's own layout (model/hf.py maps it to HF's), so A_hf = A.reshape(-1, r).T and
+in the weight's own layout (model/weights/hf.py maps it to HF's), so A_hf = A.reshape(-1, r).T and
 B_hf = B.reshape(r, -1).T.
 """
 
@@ -14,17 +14,17 @@ import re
 
 import numpy as np
 
-from model import hf, safetensors
 from model import lora as lora_lib
 from model.config import ModelConfig
 from model.lora import LoraConfig
+from model.weights import hf, safetensors
 
 CONFIG, WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'
 _PREFIX = 'base_model.model.'
 
 
 def _projections(cfg: ModelConfig):
-  """model/hf.py's entries for the projections that may carry adapters."""
+  """model/weights/hf.py's entries for the projections that may carry adapters."""
   return [p for p in hf.param_map(cfg) if p.path[-1] in lora_lib.PROJECTIONS]
 
 
