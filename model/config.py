@@ -14,6 +14,18 @@ DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat
           'float16': np.dtype(np.float16)}
 
 
+def _architecture(default):
+  """A field that fixes the weights' shapes or the function they compute: a checkpoint, a preset and a
+  config must agree on it to mean the same model."""
+  return dataclasses.field(default=default, metadata={'kind': 'architecture'})
+
+
+def _compute(default):
+  """A field that says how to compute the model, not what it is: a training config sets it for
+  whichever checkpoint it trains."""
+  return dataclasses.field(default=default, metadata={'kind': 'compute'})
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Shape and numerics of a LLaMA-family decoder.
@@ -21,34 +33,34 @@ class ModelConfig:
   Field names follow the logical axes they size: `embed_dim` is the `embed` axis, `mlp_dim` the `mlp`
   axis, and so on.
   """
-  vocab_size: int = 32000
-  embed_dim: int = 4096
-  n_layers: int = 32
-  n_heads: int = 32
-  n_kv_heads: int = 32
-  head_dim: int = 128
-  mlp_dim: int = 11008
-  norm_eps: float = 1e-5
+  vocab_size: int = _architecture(32000)
+  embed_dim: int = _architecture(4096)
+  n_layers: int = _architecture(32)
+  n_heads: int = _architecture(32)
+  n_kv_heads: int = _architecture(32)
+  head_dim: int = _architecture(128)
+  mlp_dim: int = _architecture(11008)
+  norm_eps: float = _architecture(1e-5)
   # Rotary embeddings. `rope_scaling_factor` > 0 turns on Llama-3.1 frequency scaling.
-  rope_theta: float = 10000.0
-  rope_scaling_factor: float = 0.0
-  rope_low_freq_factor: float = 1.0
-  rope_high_freq_factor: float = 4.0
-  rope_original_max_len: int = 8192
+  rope_theta: float = _architecture(10000.0)
+  rope_scaling_factor: float = _architecture(0.0)
+  rope_low_freq_factor: float = _architecture(1.0)
+  rope_high_freq_factor: float = _architecture(4.0)
+  rope_original_max_len: int = _architecture(8192)
   # Longest sequence the model is meant to see; used to validate `seq_len`, not to size any weight.
   max_seq_len: int = 4096
-  qkv_bias: bool = False
+  qkv_bias: bool = _architecture(False)
   # Qwen3: RMSNorm over each query and key head (a `head_dim` scale each) before the rotary embedding.
-  qk_norm: bool = False
-  tie_embeddings: bool = False
+  qk_norm: bool = _architecture(False)
+  tie_embeddings: bool = _architecture(False)
   init_std: float = 0.02
   # Numerics: parameters are stored in `param_dtype`, matmuls run in `dtype`.
-  dtype: str = 'bfloat16'
-  param_dtype: str = 'float32'
+  dtype: str = _compute('bfloat16')
+  param_dtype: str = _compute('float32')
   # Compilation: scan over layers (constant compile time in depth) and what to rematerialise.
-  scan_layers: bool = True
-  remat_policy: str = 'none'
-  attention: str = 'auto'
+  scan_layers: bool = _compute(True)
+  remat_policy: str = _compute('none')
+  attention: str = _compute('auto')
 
   def __post_init__(self):
     errors = []
@@ -85,16 +97,11 @@ class ModelConfig:
     return cls(**values)
 
 
-# Fields that fix the weights' shapes and the function they compute: a checkpoint, a preset and a
-# config must agree on these to mean the same model. The others say how to compute it (dtypes,
-# compilation, attention kernel) and may differ.
-ARCHITECTURE_FIELDS = ('vocab_size', 'embed_dim', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim',
-                       'mlp_dim', 'norm_eps', 'rope_theta', 'rope_scaling_factor', 'rope_low_freq_factor',
-                       'rope_high_freq_factor', 'rope_original_max_len', 'qkv_bias', 'qk_norm',
-                       'tie_embeddings')
-# The fields a training config sets for whichever checkpoint it trains: how to compute, not what.
-# (`max_seq_len` and `init_std` describe the model: a checkpoint's own values stay with it.)
-COMPUTE_FIELDS = ('dtype', 'param_dtype', 'scan_layers', 'remat_policy', 'attention')
+# The fields by kind (their metadata above). `max_seq_len` and `init_std` are neither: they describe
+# the model, and a checkpoint's own values stay with it.
+ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig)
+                            if f.metadata.get('kind') == 'architecture')
+COMPUTE_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata.get('kind') == 'compute')
 # Fields that moved out of ModelConfig (`loss_chunk_len` is now train.loss_chunk_len).
 RETIRED_FIELDS = ('loss_chunk_len',)
 

@@ -68,7 +68,8 @@ PACKAGES = ('runtime', 'data', 'model', 'train', 'configs')
 # so that data/'s commands end as every other does; data/ stands on it alone; the network (model/'s
 # own modules) imports nothing else of the project; weights on disk and inference each stand on the
 # network; evaluation on inference; the commands of model/ on all of these and data/ (tokenizers,
-# chat templates); train/ on everything; configs/ describe runs (model presets, the data section).
+# chat templates); train/ on everything; configs/ describe runs (model presets, the data section, the
+# run spec's sections).
 NETWORK = 'model'
 MAY_IMPORT = {
     'runtime': {'runtime'},
@@ -81,9 +82,13 @@ MAY_IMPORT = {
                        'model.commands', 'data', 'runtime'},
     'train': {'train', NETWORK, 'model.weights', 'model.inference', 'model.evaluation',
               'model.commands', 'data', 'runtime'},
-    'configs': {'configs', NETWORK, 'data'},
+    'configs': {'configs', NETWORK, 'data', 'train.spec'},
 }
+MAY_IMPORT['train'].add('train.spec')
 SUBFLOORS = ('model.weights', 'model.inference', 'model.evaluation')
+# The run spec (the sections a config converts into) is what configs/ describe: they may import it alone
+# of train/.
+SPEC = 'train.spec'
 COMMANDS = ('model.generate', 'model.convert', 'model.evaluate')
 
 
@@ -91,6 +96,8 @@ def floor_of_module(name: str) -> str:
   """The floor of an imported module (`model.weights.params` -> 'model.weights')."""
   if name in COMMANDS or any(name.startswith(c + '.') for c in COMMANDS):
     return 'model.commands'
+  if name == SPEC:
+    return SPEC
   for sub in SUBFLOORS:
     if name == sub or name.startswith(sub + '.'):
       return sub
@@ -104,7 +111,7 @@ def _imports(tree):
       names = [a.name for a in node.names]
     elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
       # `from model import weights` imports the floor model.weights.
-      names = [f'{node.module}.{a.name}' if f'{node.module}.{a.name}' in SUBFLOORS + COMMANDS
+      names = [f'{node.module}.{a.name}' if f'{node.module}.{a.name}' in SUBFLOORS + COMMANDS + (SPEC,)
                else node.module for a in node.names]
     else:
       continue

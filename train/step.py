@@ -27,6 +27,7 @@ from data.batch import max_pairs
 from model import Transformer
 from model import lora as lora_lib
 from model import sharding as sharding_lib
+from train.spec import PREFERENCE_LOSSES
 from train.state import TrainState
 
 
@@ -170,7 +171,6 @@ class LanguageModeling:
 #            -(1 - e) log sigmoid(z) - e log sigmoid(-z)
 # plus, with sft_weight w > 0, w x the chosen completion's mean negative log-likelihood -c/n_c (RPO,
 # Pang et al. 2024: it keeps DPO from lowering the chosen answers' likelihood along with the rejected).
-PREFERENCE_LOSSES = ('sigmoid', 'robust', 'ipo', 'simpo')
 REFERENCE_FREE = ('simpo',)
 # TRL's names for the per-pair metrics (rewards: beta x the log-ratio to the reference; SimPO: beta x
 # the average log-probability), each a mean over pairs.

@@ -25,16 +25,15 @@ from jax.experimental import multihost_utils
 
 from model.weights.params import is_remote, saved_steps
 from train import validate
+from train.spec import Spec
 
 LOCK = 'run.lock'
 FINAL_METRICS = 'final_metrics.json'
 
-# Keys a resumed run may change: how long to train, how often and how to log/eval/save (early stopping
-# included), and the mesh (a checkpoint restores onto any mesh). Everything else changes the run itself.
-RESUME_MAY_CHANGE = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_at_start',
-                     'train.eval_max_batches', 'train.override_workdir_config', 'train.take_over_lock',
-                     'train.max_consecutive_skips', 'train.early_stopping.', 'eval.', 'checkpoint.',
-                     'mesh.', 'distributed.', 'init_from', 'logging.')
+# Keys a resumed run may change (field metadata in train/spec.py): how long to train, how often and how
+# to log/eval/save (early stopping included), and the mesh (a checkpoint restores onto any mesh).
+# Everything else changes the run itself.
+RESUME_MAY_CHANGE = Spec.resumable_keys()
 
 
 def _flatten(tree, prefix=''):
