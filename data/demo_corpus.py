@@ -169,14 +169,15 @@ def preference_pairs(corpus_file: str, n: int, seed: int, questions_per_sentence
 
 def write_instruction_task(corpus_dir: str, out_dir: str, n_train: int, n_eval: int,
                            make=instruction_examples, seeds=(0, 1),
-                           train_questions_per_sentence: int = 1) -> dict[str, int]:
+                           train_questions_per_sentence: int = 1,
+                           eval_questions_per_sentence: int = 1) -> dict[str, int]:
   """Writes train.jsonl and eval.jsonl in the chat format (plus a "task" field per record); with
-  `make=preference_pairs`, preference pairs. Held-out questions are one per sentence."""
+  `make=preference_pairs`, preference pairs."""
   os.makedirs(out_dir, exist_ok=True)
   counts = {}
   for split, n, seed in (('train', n_train, seeds[0]), ('eval', n_eval, seeds[1])):
     examples = make(os.path.join(corpus_dir, f'{split}.jsonl'), n, seed,
-                    train_questions_per_sentence if split == 'train' else 1)
+                    train_questions_per_sentence if split == 'train' else eval_questions_per_sentence)
     tmp = os.path.join(out_dir, f'{split}.jsonl.tmp')
     with open(tmp, 'w', encoding='utf-8') as f:
       f.writelines(json.dumps(e) + '\n' for e in examples)
@@ -199,6 +200,15 @@ def main(argv):
                                     FLAGS.preference_eval_pairs, preference_pairs, seeds=(2, 3))
     print(f"Wrote {counts['train']} train and {counts['eval']} held-out preference pairs to "
           f"{FLAGS.preference_out}/")
+  if FLAGS.grpo_out:
+    # The training sentences' questions again (reinforcement learning on what instruction tuning saw),
+    # and every question about every held-out sentence: over 1,000, so that a change of a point or two
+    # in exact match is more than noise.
+    counts = write_instruction_task(FLAGS.out, FLAGS.grpo_out, FLAGS.grpo_train_prompts,
+                                    FLAGS.grpo_eval_prompts, seeds=(4, 1),
+                                    train_questions_per_sentence=FLAGS.sft_questions_per_sentence,
+                                    eval_questions_per_sentence=len(QUESTIONS))
+    print(f"Wrote {counts['train']} train and {counts['eval']} held-out prompts to {FLAGS.grpo_out}/")
 
 
 def _define_flags():
@@ -221,6 +231,10 @@ def _define_flags():
                        lower_bound=1)
   flags.DEFINE_integer('preference_eval_pairs', 150, 'Held-out preference pairs to write.',
                        lower_bound=1)
+  flags.DEFINE_string('grpo_out', '', 'If set, also write prompts for reinforcement learning here.')
+  flags.DEFINE_integer('grpo_train_prompts', 3000, 'Training prompts to write.', lower_bound=1)
+  flags.DEFINE_integer('grpo_eval_prompts', 2000, 'Held-out questions to write, at most (every '
+                       'question about each held-out sentence).', lower_bound=1)
 
 
 if __name__ == '__main__':
