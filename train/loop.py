@@ -1,16 +1,21 @@
 """The training loop shared by `train.pretrain`, `train.sft` and `train.dpo`.
 
 workdir lock -> config -> Run (mesh, model, optimizer) -> state (fresh, from `init_params`, or resumed
-from the workdir's newest intact checkpoint) -> jitted step over the host's batches -> periodic eval,
-logs and checkpoints. Everything that can fail on bad input (config, data, tokenizer, checkpoint,
+from the workdir's newest intact checkpoint) -> the loop: next batch -> jitted step -> the hooks due at
+this step -> stop? Everything that can fail on bad input (config, data, tokenizer, checkpoint,
 init_from) is tried before anything is written to the workdir; a finished run is left as it is. The
 data source is the only thing that differs between the entry points. Process setup (logs,
 jax.distributed, host memory) and ending (runtime/__init__.py) are the entry point's.
+
+The hooks (train/hooks.py) each own their cadence: the non-finite guard, logging and throughput,
+evaluation with early stopping, preemption, checkpoints; `Trainer.add_hook` adds one, and an entry
+point whose batches are not the data source's (rollouts of the current policy) overrides
+`Trainer.next_batch`.
 """
 
+import contextlib
 import json
 import os
-import time
 from typing import Any, Callable, Protocol
 
 import jax
@@ -27,11 +32,13 @@ import runtime
 from train import batches as batches_lib
 from train import checkpoint as checkpoint_lib
 from train import evaluation as evaluation_lib
+from train import hooks as hooks_lib
 from train import metrics as metrics_lib
-from train import preemption
 from train import validate
 from train import workdir as workdir_lib
 from train.chips import peak_tflops
+# Raised by the non-finite guard; callers know it as loop.TrainingDiverged.
+from train.hooks import TrainingDiverged  # pylint: disable=unused-import
 from train.run import Run
 
 
@@ -66,10 +73,6 @@ def _equalize_eval_batches(batches):
       raise ValueError('This host has no eval data while others do; give every host some eval data')
     batches = batches + [empty_like(batches[0])] * (count - len(batches))
   return batches
-
-
-class TrainingDiverged(RuntimeError):
-  pass
 
 
 class Trainer:
@@ -149,7 +152,7 @@ class Trainer:
         tcfg.batch_size * tcfg.seq_len)
     self.peak = peak_tflops()
     self.last: dict[str, float] = {}
-    self.eval_history: list[dict] = []
+    self.hooks = self._default_hooks()
 
   def _restore(self, step: int):
     """(step, state, data position) of checkpoint `step`; if it is damaged and
@@ -200,58 +203,48 @@ class Trainer:
     self.state = self.state.replace(reference=checkpoint_lib.load_reference(
         self.ckpt.reference, self.run, f'{self.ckpt.directory}/{self.resumed_from}'))
 
-  # -- pieces of a step ---------------------------------------------------------------------------
+  # -- the hooks ----------------------------------------------------------------------------------
 
-  def evaluation_due(self, step: int) -> bool:
-    every = self.config.train.eval_every
-    return bool(every and step % every == 0) or bool(self.generation and self.generation.due(step))
+  def _default_hooks(self) -> list[hooks_lib.Hook]:
+    """The hooks every run has, in the order they run after a step (train/hooks.py says why)."""
+    config, tcfg, ckpt, stopping = self.config, self.config.train, self.ckpt, self.early_stopping
+    self.stop = hooks_lib.Stop()
+    held_out = ((lambda state: evaluate(self.run, self.eval_step, state, self.eval_batches))
+                if self.eval_batches else None)
+    self.evaluation = hooks_lib.Evaluation(
+        tcfg.steps, tcfg.eval_every, held_out, self.generation, stopping, self.stop, ckpt.pin,
+        self.record, self.workdir, self.primary)
+    self.preemption = hooks_lib.Preemption(self.stop)
+    self.checkpoints = hooks_lib.Checkpoints(
+        ckpt, config.checkpoint.every_steps, tcfg.steps, stopping, self.stop,
+        self.train_iter.get_state, self.workdir, self.primary, last_saved=self.resumed_from)
+    return [
+        hooks_lib.NonFiniteGuard(tcfg.max_consecutive_skips, self.checkpoints.settle),
+        hooks_lib.Logging(tcfg.steps, tcfg.log_every, tcfg.batch_size * tcfg.seq_len,
+                          self.flops_per_step, self.peak, self.record,
+                          getattr(self.data, 'stats', None), self.primary),
+        self.evaluation,
+        self.preemption,
+        self.checkpoints,
+    ]
 
-  def evaluate(self, step: int, final: bool = False):
-    """The held-out loss and task metrics due at `step` (all of them at step 0 and when `final`)."""
-    every, result = self.config.train.eval_every, {}
-    if self.eval_batches and (final or step == 0 or (every and step % every == 0)):
-      result.update(evaluate(self.run, self.eval_step, self.state, self.eval_batches))
-    if self.generation and (final or step == 0 or self.generation.due(step)):
-      result.update(self.generation(self.state.model_params, step))
-    if not result:
-      return
-    self.writer.write(step, result)
-    self.last.update(result)
-    self.eval_history.append({'step': step, **result})
-    if self.early_stopping.update(step, result):
-      self.ckpt.pin(step)  # saved in this step if it is not already
-    if self.primary:
-      workdir_lib.write_json(os.path.join(self.workdir, 'eval_results.json'), self.eval_history,
-                             append_to_existing=True)
-      logging.info('eval at step %d: %s', step, ' | '.join(
-          f'{k[5:]} {v:.4f}' if k not in ('eval_tokens', 'eval_pairs') else f'{v:.0f} {k[5:]}'
-          for k, v in result.items()))
+  def add_hook(self, hook: hooks_lib.Hook):
+    """Runs `hook` after every step it is due at: after the step's log and evaluation, before the
+    stop signal is read and the checkpoint saved (so a stop it asks for is saved at that step)."""
+    self.hooks.insert(self.hooks.index(self.preemption), hook)
 
-  def log(self, step: int, fetched: list[dict], seconds_per_step: float | None):
-    tcfg = self.config.train
-    m = {k: float(np.mean([f[k] for f in fetched])) for k in fetched[0]}
-    for k in ('tokens', 'skipped'):
-      if k in m:
-        m[k] = float(np.sum([f[k] for f in fetched]))
-    if seconds_per_step:
-      m['step_time_ms'] = 1000 * seconds_per_step
-      m['tokens_per_sec'] = tcfg.batch_size * tcfg.seq_len / seconds_per_step
-      m['tflops_per_device'] = self.flops_per_step / seconds_per_step / jax.device_count() / 1e12
-      if self.peak:
-        m['mfu'] = m['tflops_per_device'] / self.peak
-    stats = getattr(self.data, 'stats', None)
-    if stats:
-      m.update({f'data/{k}': float(v) for k, v in stats().items()})
-    self.writer.write(step, m)
-    self.last.update(m)
-    if self.primary:
-      logging.info(metrics_lib.format_line(step, tcfg.steps, m))
+  def record(self, step: int, scalars: dict[str, float]):
+    """Writes `scalars` of `step` (metrics.jsonl, TensorBoard, W&B); the final metrics keep the last
+    value of each."""
+    self.writer.write(step, scalars)
+    self.last.update(scalars)
 
-  def save(self, step: int):
-    self.ckpt.wait()  # the previous save is on storage now: the best may be named
-    if self.primary:
-      self.early_stopping.publish(self.workdir, self.ckpt.directory)
-    self.ckpt.save(step, self.state, self.train_iter.get_state())
+  def next_batch(self, step: int):
+    """The global batch of the step after `step` (the steps done): this host's next rows of the data
+    source, assembled. An entry point whose batches come from elsewhere (rollouts of the current
+    state) overrides it, in a subclass or by assigning `trainer.next_batch`."""
+    local_batch, self.first_batch = self.first_batch or self._next_batch(), None
+    return self.run.global_batch(local_batch)
 
   # -- the loop -----------------------------------------------------------------------------------
 
@@ -261,12 +254,13 @@ class Trainer:
     tcfg, stopping_early = self.config.train, self.early_stopping
     step = int(jax.device_get(self.state.step))
     if step == 0 and tcfg.eval_at_start:
-      self.evaluate(0)
+      self.evaluation.evaluate(0, self.state)
     try:
-      step, stopped_by = self._loop(step)
+      step = self._loop(step)
+      stopped_by = self.preemption.stopped_by
       if stopped_by is None and stopping_early.stopped_at is None and (
           self.resumed_from is None or self.resumed_from < tcfg.steps):
-        self.evaluate(step, final=True)  # while the last checkpoint is written
+        self.evaluation.evaluate(step, self.state, final=True)  # while the last checkpoint is written
     except BaseException as e:
       self._after_failure(e)
       raise
@@ -312,58 +306,20 @@ class Trainer:
       logging.error('%s', runtime.describe(error))
       raise lost from error
 
-  def _loop(self, step: int) -> tuple[int, str | None]:
-    """Steps to `train.steps` or a stop signal; returns the step reached and what stopped it (None:
-    nothing)."""
-    tcfg = self.config.train
-    # Timing windows start after the first step, whose time is mostly compilation.
-    pending, window_start, window_steps = [], None, 0
-    consecutive_skips, last_saved = 0, self.resumed_from
-    with preemption.StopRequest() as stop:
-      while step < tcfg.steps and self.early_stopping.stopped_at is None:
-        local_batch, self.first_batch = self.first_batch or self._next_batch(), None
-        batch = self.run.global_batch(local_batch)
-        self.state, step_metrics = self.train_step(self.state, batch)
+  def _loop(self, step: int) -> int:
+    """Steps to `train.steps`, or until a hook asks to stop; returns the step reached. After each
+    step, the hooks due at it run, in order."""
+    with contextlib.ExitStack() as running:
+      for hook in self.hooks:
+        running.enter_context(hook)
+      while step < self.config.train.steps and not self.stop:
+        self.state, metrics = self.train_step(self.state, self.next_batch(step))
         step += 1
-        pending.append(step_metrics)
-        if window_start is None:
-          jax.block_until_ready(step_metrics)
-          logging.info('First step (with compilation) done')
-          window_start = time.perf_counter()
-        else:
-          window_steps += 1
-
-        if 'skipped' in step_metrics:
-          if int(jax.device_get(step_metrics['skipped'])):
-            consecutive_skips += 1
-            logging.warning('step %d: non-finite loss or gradient (loss %s); update skipped (%d in '
-                            'a row)', step, float(jax.device_get(step_metrics['loss'])), consecutive_skips)
-            if consecutive_skips > tcfg.max_consecutive_skips:
-              self.ckpt.wait()
-              self.writer.close()  # metrics.jsonl and the TensorBoard events, flushed and closed
-              raise TrainingDiverged(
-                  f'{consecutive_skips} consecutive steps (up to step {step}) had a non-finite loss or '
-                  f'gradient (train.max_consecutive_skips = {tcfg.max_consecutive_skips}). The last '
-                  f'checkpoint, step {last_saved}, is intact. Lower optimizer.lr, raise warmup, or '
-                  'check the data around these steps before resuming.')
-          else:
-            consecutive_skips = 0
-
-        if step % tcfg.log_every == 0 or step == tcfg.steps:
-          fetched = jax.device_get(pending)
-          self.log(step, fetched,
-                   (time.perf_counter() - window_start) / window_steps if window_steps else None)
-          pending, window_start, window_steps = [], time.perf_counter(), 0
-        if step != tcfg.steps and self.evaluation_due(step):
-          self.evaluate(step)
-        stopping = stop.should_stop()
-        if (step % self.config.checkpoint.every_steps == 0 or step == tcfg.steps or stopping
-            or step in (self.early_stopping.best_step, self.early_stopping.stopped_at)):
-          self.save(step)
-          last_saved = step
-        if stopping:
-          return step, stop.signal_name or 'a signal on another host'
-    return step, None
+        info = hooks_lib.StepInfo(step, self.state, metrics)
+        for hook in self.hooks:
+          if hook.due(step):
+            hook(info)
+    return step
 
 
 def train(config: Any, workdir: str, data: DataSource | Callable[[], DataSource],
