@@ -332,6 +332,10 @@ def _read_json(folder: str, name: str) -> dict:
     return json.loads(path.read_text(encoding='utf-8'))
   except json.JSONDecodeError as e:
     raise ValueError(f'{path}: malformed JSON ({e.msg} at line {e.lineno})') from None
+  except RecursionError:  # what json.loads raises for deep nesting
+    raise ValueError(f'{path}: JSON nested too deeply to parse') from None
+  except ValueError as e:  # e.g. a number of thousands of digits
+    raise ValueError(f'{path}: malformed JSON ({str(e).split(":")[0]})') from None
 
 
 def _declared_special_tokens(folder: str) -> dict[str, str | None]:
