@@ -832,11 +832,6 @@ def check_messages(messages: Any, for_training: bool = True) -> list[dict]:
 # Where templates come from
 
 
-# The largest tokenizer_config.json read for its chat template (those of models with many added tokens
-# are megabytes).
-MAX_TOKENIZER_CONFIG_BYTES = 64 * 2**20
-
-
 def _read_template(path: epath.Path) -> str:
   """A template file, a regular one (a FIFO would block the read forever) of a template's size at most."""
   local = '://' not in str(path)
@@ -868,7 +863,7 @@ def tokenizer_templates(folder: str) -> tuple[dict[str, str], str]:
   config_path = folder / 'tokenizer_config.json'
   if not config_path.exists():
     return {}, str(config_path)
-  config = records.read_json_file(str(config_path), MAX_TOKENIZER_CONFIG_BYTES)
+  config = records.read_json_file(str(config_path))
   template = config.get('chat_template') if isinstance(config, dict) else None
   if isinstance(template, list):
     if not all(isinstance(t, dict) and isinstance(t.get('name'), str) and isinstance(t.get('template'), str)

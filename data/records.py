@@ -73,7 +73,12 @@ def parse_json(text: str, where: str) -> Any:
     raise BadRecord(f'{where}: malformed JSON ({str(e).split(":")[0]})') from None
 
 
-def read_json_file(path: str, max_bytes: int) -> Any:
+# The largest JSON file beside a tokenizer read (tokenizer_config.json of models with many added tokens
+# is megabytes).
+MAX_JSON_FILE_BYTES = 64 * 2**20
+
+
+def read_json_file(path: str, max_bytes: int = MAX_JSON_FILE_BYTES) -> Any:
   """A JSON file someone else may have made (a tokenizer's tokenizer_config.json): local ones must be
   regular files (a FIFO would block the read forever) of at most `max_bytes`; a BadRecord names it."""
   local = '://' not in path

@@ -476,6 +476,10 @@ def test_a_deep_tokenizer_config_names_the_file(tmp_path):
   os.mkfifo(tmp_path / 'chat_template.jinja')
   with pytest.raises(chat.ChatFormatError, match='chat_template.jinja is not a regular file'):
     chat.tokenizer_templates(folder)
+  os.remove(tmp_path / 'tokenizer_config.json')
+  os.mkfifo(tmp_path / 'tokenizer_config.json')
+  with pytest.raises(ValueError, match='tokenizer_config.json is not a regular file'):
+    load_tokenizer(folder)
 
 
 def test_links_inside_a_model_folder_are_read_as_the_hub_cache_makes_them(tmp_path):
