@@ -8,8 +8,11 @@ message starts with `where`; counts of what was skipped or repaired go into a `C
 
 import collections
 import json
+import os
 import threading
 from typing import Any, BinaryIO, Iterator
+
+from etils import epath
 
 from data.config import UTF8_POLICIES
 
@@ -58,10 +61,38 @@ def decode(raw: bytes, where: str, offset: int = -1, *, utf8: str = 'error', max
 
 
 def parse_json(text: str, where: str) -> Any:
+  """The parsed record; every failure a BadRecord (json.loads raises RecursionError for deep nesting,
+  and a plain ValueError for a number of thousands of digits: records like any other bad one)."""
   try:
     return json.loads(text)
   except json.JSONDecodeError as e:
     raise BadRecord(f'{where}: malformed JSON ({e.msg} at column {e.colno})') from None
+  except RecursionError:
+    raise BadRecord(f'{where}: JSON nested too deeply to parse') from None
+  except ValueError as e:
+    raise BadRecord(f'{where}: malformed JSON ({str(e).split(":")[0]})') from None
+
+
+# The largest JSON file beside a tokenizer read (tokenizer_config.json of models with many added tokens
+# is megabytes).
+MAX_JSON_FILE_BYTES = 64 * 2**20
+
+
+def read_json_file(path: str, max_bytes: int = MAX_JSON_FILE_BYTES) -> Any:
+  """A JSON file someone else may have made (a tokenizer's tokenizer_config.json): local ones must be
+  regular files (a FIFO would block the read forever) of at most `max_bytes`; a BadRecord names it."""
+  local = '://' not in path
+  if local and not os.path.isfile(path):
+    raise BadRecord(f'{path} is not a regular file')
+  size = os.path.getsize(path) if local else epath.Path(path).stat().length
+  if size > max_bytes:
+    raise BadRecord(f'{path} is {size:,} bytes, more than the {max_bytes:,} such a file may have')
+  raw = epath.Path(path).read_bytes()
+  try:
+    text = raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise BadRecord(f'{path}: invalid UTF-8 at byte offset {e.start}') from None
+  return parse_json(text, path)
 
 
 def lines(f: BinaryIO, path: str) -> Iterator[tuple[str, bytes, int]]:

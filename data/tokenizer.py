@@ -26,6 +26,7 @@ import numpy as np
 from absl import flags, logging
 from etils import epath
 
+from data import records
 import runtime
 
 
@@ -324,14 +325,16 @@ class HuggingFaceTokenizer(Tokenizer):
 
 
 def _read_json(folder: str, name: str) -> dict:
-  """A JSON file beside the tokenizer (tokenizer_config.json, ...), or {} where there is none."""
+  """A JSON file beside the tokenizer (tokenizer_config.json, ...), or {} where there is none; read as
+  a file one did not make (data/records.py `read_json_file`: a regular file, bounded, parse errors
+  naming it)."""
   path = epath.Path(folder) / name
   if not path.exists():
     return {}
-  try:
-    return json.loads(path.read_text(encoding='utf-8'))
-  except json.JSONDecodeError as e:
-    raise ValueError(f'{path}: malformed JSON ({e.msg} at line {e.lineno})') from None
+  value = records.read_json_file(str(path), records.MAX_JSON_FILE_BYTES)
+  if not isinstance(value, dict):
+    raise ValueError(f'{path}: expected a JSON object, got {type(value).__name__}')
+  return value
 
 
 def _declared_special_tokens(folder: str) -> dict[str, str | None]:

@@ -55,11 +55,9 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None, tokenizer: str | 
               log=print, **overrides) -> ModelConfig:
   """Converts a HF model folder into `<out>/checkpoints/0`; returns the ModelConfig written."""
   log = log or hf.silent
-  with open(os.path.join(hf_dir, 'config.json')) as f:
-    hf_config = json.load(f)
   if dtype is not None:
     overrides['param_dtype'] = dtype
-  cfg, arch, notes = hf.config_from_hf(hf_config, **overrides)
+  cfg, arch, notes = hf.read_config(hf_dir, **overrides)
   for note in notes:
     log(f'NOTE: {note}')
   name, diff = hf.matching_preset(cfg)
@@ -259,8 +257,7 @@ def check(hf_dir: str, tokens: Sequence[Sequence[int]], ckpt: str | None = None,
   missing = reference_missing()
   if missing:
     log(f'NOTE: there is no reference to compare with ({missing}); running our model alone')
-  with open(os.path.join(hf_dir, 'config.json')) as f:
-    hf_cfg, arch, _ = hf.config_from_hf(json.load(f), param_dtype='float32')
+  hf_cfg, arch, _ = hf.read_config(hf_dir, param_dtype='float32')
   dtype = compute_dtype(dtype)
   default_atol, default_kl = CHECK_TOLERANCES[dtype]
   atol, max_kl = default_atol if atol is None else atol, default_kl if max_kl is None else max_kl
@@ -313,8 +310,7 @@ def _check_tokens(tokenizer_path: str | None, hf_dir: str, prompts: Sequence[str
   has_tokenizer = tokenizer_path or any(os.path.isfile(os.path.join(hf_dir, n))
                                         for n in ('tokenizer.json', 'tokenizer.model'))
   if not has_tokenizer:
-    with open(os.path.join(hf_dir, 'config.json')) as f:
-      vocab = json.load(f)['vocab_size']
+    vocab = hf.read_config(hf_dir)[0].vocab_size
     print(f'NOTE: {hf_dir} has no tokenizer (and no --tokenizer was given): comparing on random token ids')
     rng = np.random.default_rng(0)
     return [rng.integers(0, vocab, n).tolist() for n in (7, 16, 25)], (), None
@@ -335,7 +331,8 @@ COMMANDS = {'import': ('hf_dir', 'out'), 'export': ('ckpt', 'out'), 'check': ('h
 def main(argv):
   command = runtime.parse_command(argv, COMMANDS)
   runtime.setup(keep_freed_memory=False)
-  if command in ('import', 'check') and not os.path.isfile(os.path.join(FLAGS.hf_dir, 'config.json')):
+  # lexists: whatever stands there is read as a file (a FIFO or a folder is refused, naming it).
+  if command in ('import', 'check') and not os.path.lexists(os.path.join(FLAGS.hf_dir, 'config.json')):
     raise app.UsageError(f'--hf-dir: {FLAGS.hf_dir} holds no config.json (expected a Hugging Face '
                          'model folder)')
   if FLAGS.ckpt and command != 'import':
@@ -344,7 +341,7 @@ def main(argv):
   if command == 'import-peft':
     with runtime.flag_error('base'):
       params.resolve_step_dir(FLAGS.base)
-    if not os.path.isfile(os.path.join(FLAGS.adapter_dir, peft.CONFIG)):
+    if not os.path.lexists(os.path.join(FLAGS.adapter_dir, peft.CONFIG)):
       raise app.UsageError(f'--adapter-dir: {FLAGS.adapter_dir} holds no {peft.CONFIG} (expected a '
                            'PEFT adapter folder)')
   if command == 'check':

@@ -22,7 +22,7 @@ import numpy as np
 import tqdm
 
 from model.config import ARCHITECTURE_FIELDS, PRESETS, ModelConfig
-from model.weights import safetensors
+from model.weights import safetensors, untrusted
 
 # --------------------------------------------------------------------------------------------------
 # config.json <-> ModelConfig
@@ -34,61 +34,69 @@ _TORCH_DTYPES = {'float32': 'float32', 'bfloat16': 'bfloat16', 'float16': 'float
                  'torch.float32': 'float32', 'torch.bfloat16': 'bfloat16', 'torch.float16': 'float16'}
 
 
-def _rope(hf: dict) -> tuple[float, dict]:
-  """(theta, scaling dict or {}) from either the transformers<5 keys (`rope_theta`, `rope_scaling`)
-  or the transformers>=5 `rope_parameters`."""
-  params = hf.get('rope_parameters') or {}
-  scaling = hf.get('rope_scaling') or {}
-  theta = params.get('rope_theta', hf.get('rope_theta', 10000.0))
-  merged = {**scaling, **{k: v for k, v in params.items() if k != 'rope_theta'}}
-  return float(theta), merged
+def _rope(hf: untrusted.Fields) -> tuple[float, untrusted.Fields, str]:
+  """(theta, scaling fields, their key) from either the transformers<5 keys (`rope_theta`,
+  `rope_scaling`) or the transformers>=5 `rope_parameters`."""
+  params, scaling = hf.mapping('rope_parameters'), hf.mapping('rope_scaling')
+  theta = params.number('rope_theta', hf.number('rope_theta', 10000.0, positive=True), positive=True)
+  merged = {**scaling.values, **{k: v for k, v in params.values.items() if k != 'rope_theta'}}
+  key = 'rope_parameters' if params.values else 'rope_scaling'
+  return theta, untrusted.Fields(merged, hf.where, key + '.'), key
 
 
-def config_from_hf(hf: dict, **overrides) -> tuple[ModelConfig, str, list[str]]:
-  """(ModelConfig, architecture name, notes) from a parsed `config.json`. Unsupported features are
-  errors naming the config.json key; `overrides` set ModelConfig fields (e.g. dtype)."""
-  archs = hf.get('architectures') or []
+def read_config(hf_dir: str, **overrides) -> tuple[ModelConfig, str, list[str]]:
+  """config_from_hf of `hf_dir`/config.json, read as a file one did not make (model/weights/untrusted.py)."""
+  path = os.path.join(hf_dir, 'config.json')
+  return config_from_hf(untrusted.read_json(path), path, **overrides)
+
+
+def config_from_hf(hf: dict, where: str = 'config.json', **overrides) -> tuple[ModelConfig, str, list[str]]:
+  """(ModelConfig, architecture name, notes) from a parsed `config.json` (named `where` in errors).
+  Unsupported features, and values of the wrong type, are errors naming the config.json key;
+  `overrides` set ModelConfig fields (e.g. dtype)."""
+  hf = untrusted.Fields(hf, where)
+  archs = hf.strings('architectures')
   arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
   if arch is None:
     model_type = hf.get('model_type')
-    arch = model_type if model_type in ARCH_CLASSES else None
+    arch = model_type if isinstance(model_type, str) and model_type in ARCH_CLASSES else None
   if arch is None:
-    raise ValueError(f'config.json architectures={archs} model_type={hf.get("model_type")!r}: only '
+    raise ValueError(f'{where}: architectures={archs} model_type={hf.get("model_type")!r}: only '
                      f'{sorted(ARCHITECTURES)} are supported')
   notes = []
 
   def unsupported(key, value, why):
-    raise ValueError(f'config.json {key}={value!r} is not supported: {why}')
+    raise ValueError(f'{where}: {key}={value!r} is not supported: {why}')
 
-  act = hf.get('hidden_act', 'silu')
+  act = hf.string('hidden_act', 'silu')
   if act not in ('silu', 'swish'):
     unsupported('hidden_act', act, 'the MLP is SwiGLU (silu)')
-  if hf.get('attention_bias'):
+  if hf.boolean('attention_bias', False):
     unsupported('attention_bias', True, 'biases on all of q/k/v/o; only the Qwen2 q/k/v bias is modelled')
-  if hf.get('mlp_bias'):
+  if hf.boolean('mlp_bias', False):
     unsupported('mlp_bias', True, 'the MLP has no biases')
-  theta, scaling = _rope(hf)
+  theta, scaling, rope_key = _rope(hf)
   rope_type = scaling.get('rope_type', scaling.get('type', 'default'))
   rope = {}
   if rope_type == 'llama3':
-    rope = dict(rope_scaling_factor=float(scaling['factor']),
-                rope_low_freq_factor=float(scaling['low_freq_factor']),
-                rope_high_freq_factor=float(scaling['high_freq_factor']),
-                rope_original_max_len=int(scaling['original_max_position_embeddings']))
+    rope = dict(rope_scaling_factor=scaling.number('factor', positive=True),
+                rope_low_freq_factor=scaling.number('low_freq_factor', positive=True),
+                rope_high_freq_factor=scaling.number('high_freq_factor', positive=True),
+                rope_original_max_len=scaling.integer('original_max_position_embeddings'))
   elif rope_type != 'default':
-    key = 'rope_parameters.rope_type' if 'rope_parameters' in hf else 'rope_scaling.rope_type'
-    unsupported(key, rope_type, "supported rotary embeddings are 'default' and 'llama3'")
+    unsupported(f'{rope_key}.rope_type', rope_type, "supported rotary embeddings are 'default' and 'llama3'")
 
-  heads = hf['num_attention_heads']
-  max_len = int(hf.get('max_position_embeddings', 4096))
+  embed, n_layers = hf.integer('hidden_size'), hf.integer('num_hidden_layers')
+  heads = hf.integer('num_attention_heads')
+  max_len = hf.integer('max_position_embeddings', 4096)
   # Sliding-window attention: our attention is full, which equals a sliding window of W exactly for
   # sequences of up to W tokens. So cap the sequence length there rather than compute something else.
-  window = hf.get('sliding_window')
+  window = hf.integer('sliding_window', None) if hf.get('sliding_window') is not False else None
   if arch in ('qwen2', 'qwen3'):
-    layer_types = hf.get('layer_types') or []
-    uses_window = hf.get('use_sliding_window', False) and (
+    layer_types = hf.strings('layer_types')
+    uses_window = hf.boolean('use_sliding_window', False) and (
         'sliding_attention' in layer_types if layer_types
-        else hf.get('max_window_layers', 0) < hf['num_hidden_layers'])
+        else hf.integer('max_window_layers', 0, minimum=0) < n_layers)
     window = window if uses_window else None
   elif arch == 'llama':
     window = None
@@ -96,19 +104,22 @@ def config_from_hf(hf: dict, **overrides) -> tuple[ModelConfig, str, list[str]]:
     notes.append(f'config.json sliding_window={window} < max_position_embeddings={max_len}: this model '
                  f'uses full attention, which is exact up to {window} tokens, so max_seq_len is set to '
                  f'{window}')
-    max_len = int(window)
+    max_len = window
 
   dtype = _TORCH_DTYPES.get(str(hf.get('torch_dtype') or hf.get('dtype') or 'float32'), 'float32')
   values = dict(
-      vocab_size=hf['vocab_size'], embed_dim=hf['hidden_size'], n_layers=hf['num_hidden_layers'],
-      n_heads=heads, n_kv_heads=hf.get('num_key_value_heads') or heads,
-      head_dim=hf.get('head_dim') or hf['hidden_size'] // heads, mlp_dim=hf['intermediate_size'],
-      norm_eps=float(hf.get('rms_norm_eps', 1e-6)), rope_theta=theta, **rope, max_seq_len=max_len,
-      qkv_bias=arch == 'qwen2', qk_norm=arch == 'qwen3',
-      tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
-      init_std=float(hf.get('initializer_range', 0.02)), dtype='bfloat16', param_dtype=dtype)
+      vocab_size=hf.integer('vocab_size'), embed_dim=embed, n_layers=n_layers, n_heads=heads,
+      n_kv_heads=hf.integer('num_key_value_heads', heads),
+      head_dim=hf.integer('head_dim', embed // heads), mlp_dim=hf.integer('intermediate_size'),
+      norm_eps=hf.number('rms_norm_eps', 1e-6, positive=True), rope_theta=theta, **rope,
+      max_seq_len=max_len, qkv_bias=arch == 'qwen2', qk_norm=arch == 'qwen3',
+      tie_embeddings=hf.boolean('tie_word_embeddings', False),
+      init_std=hf.number('initializer_range', 0.02), dtype='bfloat16', param_dtype=dtype)
   values.update(overrides)
-  return ModelConfig(**values), arch, notes
+  try:
+    return ModelConfig(**values), arch, notes
+  except ValueError as e:  # e.g. heads not a multiple of the kv-heads
+    raise ValueError(f'{where} describes no model this code can build: {e}') from None
 
 
 def matching_preset(cfg: ModelConfig) -> tuple[str | None, str]:
@@ -232,6 +243,7 @@ def param_map(cfg: ModelConfig) -> list[_Param]:
 
 # HF tensors that carry no weights of the model (recomputed buffers).
 _IGNORED = re.compile(r'.*rotary_emb\.inv_freq$')
+_LAYER = re.compile(r'model\.layers\.(\d{1,9})\.')
 
 
 # Big matrices are converted in blocks of HF rows of about this size, so that no full-size temporary
@@ -269,8 +281,18 @@ def unstack_layers(tree: dict, n_layers: int) -> dict:
 # Reading (import)
 
 def load_hf_params(hf_dir: str, cfg: ModelConfig, dtype: np.dtype, log=print) -> dict:
-  """The HF weights in our (scanned) layout as numpy arrays of `dtype`, filled tensor by tensor."""
+  """The HF weights in our (scanned) layout as numpy arrays of `dtype`, filled tensor by tensor.
+
+  config.json is no more trusted than the weights: the safetensors headers are read and checked
+  first, and every tensor's name and shape, the number of layers among them, against what config.json
+  implies, before anything of config.json's sizes is allocated."""
   reader = safetensors.SafetensorsReader(hf_dir)
+  where = os.path.join(hf_dir, 'config.json')
+  layers = sorted({int(m.group(1)) for m in map(_LAYER.match, reader.entries) if m})
+  if len(layers) != cfg.n_layers or (layers and layers[-1] != cfg.n_layers - 1):
+    found = f'layers {layers[0]}-{layers[-1]}' if layers else 'no layers'
+    raise ValueError(f'{where} says num_hidden_layers={cfg.n_layers}, but the safetensors of {hf_dir} hold '
+                     f'{len(layers)} ({found}); check that config.json describes these weights')
   params = param_map(cfg)
   by_name: dict[str, tuple[_Param, int | None]] = {}
   for p in params:
@@ -279,12 +301,14 @@ def load_hf_params(hf_dir: str, cfg: ModelConfig, dtype: np.dtype, log=print) ->
         by_name[p.hf_name.format(i)] = (p, i)
     else:
       by_name[p.hf_name] = (p, None)
-  # Only now allocate: np.empty touches no memory until a tensor is written into it.
-  arrays = {p.path: np.empty(_our_shape(p, cfg), dtype) for p in params}
   unknown = [n for n in reader.entries if n not in by_name and not _IGNORED.match(n)]
   tied_copy = cfg.tie_embeddings and 'lm_head.weight' in unknown
   if tied_copy:
     unknown.remove('lm_head.weight')  # some tied checkpoints store the shared matrix twice: checked below
+    lm_head = reader.entries['lm_head.weight']
+    if lm_head.shape != params[0].hf_shape:
+      raise ValueError(f"{lm_head.file}: lm_head.weight has shape {lm_head.shape}, but the folder's "
+                       f'config.json implies {params[0].hf_shape}')
   if unknown:
     raise ValueError(f'{hf_dir}: {len(unknown)} tensor(s) this model has no place for, e.g. '
                      f'{unknown[:5]}; check that config.json describes these weights')
@@ -293,15 +317,19 @@ def load_hf_params(hf_dir: str, cfg: ModelConfig, dtype: np.dtype, log=print) ->
     raise ValueError(f'{hf_dir}: {len(missing)} tensor(s) missing, e.g. {missing[:5]}'
                      + ('; config.json says tie_word_embeddings=false but there is no lm_head.weight'
                         if 'lm_head.weight' in missing else ''))
+  for name, (p, _) in by_name.items():
+    have = reader.entries[name].shape
+    if have != p.hf_shape:
+      raise ValueError(f"{reader.entries[name].file}: {name} has shape {have}, but the folder's config.json "
+                       f'implies {p.hf_shape}')
+  # Only now allocate: np.empty touches no memory until a tensor is written into it.
+  arrays = {p.path: np.empty(_our_shape(p, cfg), dtype) for p in params}
   start, done = time.time(), 0
   bar = progress_bar(len(by_name), 'Importing tensors', log)
   for name in reader.names_in_file_order():
     if name not in by_name:
       continue
     p, i = by_name[name]
-    have = reader.entries[name].shape
-    if have != p.hf_shape:
-      raise ValueError(f'{hf_dir}: {name} has shape {have}, config.json implies {p.hf_shape}')
     dest = p.as_hf(arrays[p.path] if i is None else arrays[p.path][i])
     # Block by block (bounded temporary memory), each one strided copy with the cast.
     for rows in p.row_blocks(_BLOCK_BYTES, reader.entries[name].dtype.itemsize):

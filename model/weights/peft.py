@@ -8,7 +8,6 @@ in the weight's own layout (model/weights/hf.py maps it to HF's), so A_hf = A.re
 B_hf = B.reshape(r, -1).T.
 """
 
-import json
 import os
 import re
 
@@ -17,7 +16,7 @@ import numpy as np
 from model import lora as lora_lib
 from model.config import ModelConfig
 from model.lora import LoraConfig
-from model.weights import hf, safetensors
+from model.weights import hf, safetensors, untrusted
 
 CONFIG, WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'
 _PREFIX = 'base_model.model.'
@@ -86,23 +85,26 @@ _UNSUPPORTED = {'bias': 'none', 'use_dora': False, 'fan_in_fan_out': False, 'mod
 
 def read(adapter_dir: str, cfg: ModelConfig, where: str) -> tuple[LoraConfig, dict]:
   """(LoraConfig, adapters as host float32 arrays in our layout) of a PEFT adapter folder, for the base
-  model `cfg` (described as `where` in errors)."""
+  model `cfg` (described as `where` in errors). adapter_config.json's values are checked for type, and
+  every adapter tensor's shape (from the safetensors header) before any tensor is read."""
   path = os.path.join(adapter_dir, CONFIG)
-  with open(path) as f:
-    config = json.load(f)
+  config = untrusted.Fields(untrusted.read_json(path), path)
   if config.get('peft_type') != 'LORA':
     raise ValueError(f'{path}: peft_type={config.get("peft_type")!r}; only LORA adapters are supported')
   for key, ok in _UNSUPPORTED.items():
     if config.get(key) not in (None, ok, [], {}):
-      raise ValueError(f'{path}: {key}={config[key]!r} is not supported (only {ok!r})')
-  rank = int(config['r'])
-  lora = LoraConfig(rank=rank, alpha=float(config['lora_alpha']),
-                    dropout=float(config.get('lora_dropout') or 0.0),
-                    rslora=bool(config.get('use_rslora', False)))
+      raise ValueError(f'{path}: {key}={config.get(key)!r} is not supported (only {ok!r})')
+  rank = config.integer('r')
+  settings = dict(rank=rank, alpha=config.number('lora_alpha', positive=True),
+                  dropout=config.number('lora_dropout', 0.0), rslora=config.boolean('use_rslora', False))
+  try:
+    lora = LoraConfig(**settings)
+  except ValueError as e:  # e.g. a dropout of 1 or more
+    raise ValueError(f'{path}: {e}') from None
   reader = safetensors.SafetensorsReader(adapter_dir)
-  keys = {k.replace('.lora_A.default.', '.lora_A.').replace('.lora_B.default.', '.lora_B.')
+  keys = {k.replace('.lora_A.default.', '.lora_A.').replace('.lora_B.default.', '.lora_B.'): k
           for k in reader.entries}
-  found, used = {}, set()
+  wanted, used = {}, set()
   for p in _projections(cfg):
     n_out = lora_lib.PROJECTIONS[p.path[-1]][1]
     in_shape, out_shape = p.shape[:-n_out], p.shape[-n_out:]
@@ -111,18 +113,24 @@ def read(adapter_dir: str, cfg: ModelConfig, where: str) -> tuple[LoraConfig, di
       a_key, b_key = (f'{_PREFIX}{_module(p, i)}.{x}.weight' for x in ('lora_A', 'lora_B'))
       if a_key not in keys:
         continue
-      a, b = _read(reader, a_key), _read(reader, b_key)
-      for key, x, want in ((a_key, a, (rank, fan_in)), (b_key, b, (fan_out, rank))):
-        if x.shape != want:
-          raise ValueError(f'{adapter_dir}: {key} has shape {x.shape}, but the base model {where} '
+      if b_key not in keys:
+        raise ValueError(f'{adapter_dir}: {a_key} has no {b_key} beside it')
+      for key, want in ((a_key, (rank, fan_in)), (b_key, (fan_out, rank))):
+        shape = reader.entries[keys[key]].shape
+        if shape != want:
+          raise ValueError(f'{adapter_dir}: {key} has shape {shape}, but the base model {where} '
                            f'needs {want} (rank {rank}): the adapter was made for another base model')
-      found[(p, i)] = (a.T.reshape(in_shape + (rank,)), b.T.reshape((rank,) + out_shape))
+      wanted[(p, i)] = (a_key, b_key, in_shape, out_shape)
       used |= {a_key, b_key}
-  unknown = sorted(keys - used)
-  if unknown or not found:
+  unknown = sorted(set(keys) - used)
+  if unknown or not wanted:
     raise ValueError(f'{adapter_dir}: {len(unknown)} adapter tensor(s) the base model {where} has no '
                      f'place for, e.g. {unknown[:3]}; expected names like '
                      f'{_PREFIX}{_module(_projections(cfg)[0], 0)}.lora_A.weight')
+  found = {}
+  for (p, i), (a_key, b_key, in_shape, out_shape) in wanted.items():
+    a, b = (reader.read(keys[k]).astype(np.float32) for k in (a_key, b_key))
+    found[(p, i)] = (a.T.reshape(in_shape + (rank,)), b.T.reshape((rank,) + out_shape))
   names = sorted({p.path[-1] for p, _ in found}, key=list(lora_lib.PROJECTIONS).index)
   every_layer = all((p, i) in found for p in _projections(cfg) if p.path[-1] in names
                     for i in range(cfg.n_layers))
@@ -133,12 +141,6 @@ def read(adapter_dir: str, cfg: ModelConfig, where: str) -> tuple[LoraConfig, di
     targets = '|'.join(f'layers_{i}/{"/".join(p.path[1:])}' for p, i in found)
   lora = LoraConfig(**{**lora.to_dict(), 'targets': targets})
   return lora, _nest(found, cfg, names)
-
-
-def _read(reader, key):
-  name = key if key in reader.entries else key.replace('.lora_A.', '.lora_A.default.').replace(
-      '.lora_B.', '.lora_B.default.')
-  return reader.read(name).astype(np.float32)
 
 
 def _nest(found: dict, cfg: ModelConfig, names) -> dict:
