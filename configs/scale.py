@@ -27,6 +27,11 @@ LORA = dict(rank=16, alpha=32.0, dropout=0.0, lr=2e-4)
 # Preference tuning starts from an instruction-tuned model, at the small learning rates of the DPO
 # paper and Zephyr (5e-7 for every weight; LoRA adapters 5e-6), for a few epochs of pairs.
 DPO = dict(lr=5e-7, lora_lr=5e-6, warmup_steps=100, steps=2000)
+# Reinforcement learning from rewards (train.grpo) after instruction tuning: TRL's GRPOConfig defaults
+# (8 completions per prompt, learning rate 1e-6), prompts of up to 512 tokens and completions of up to
+# 1024 (reasoning answers); the batch counts completions, 8 groups of 8. LoRA adapters learn at 1e-5.
+GRPO = dict(lr=1e-6, lora_lr=1e-5, warmup_steps=10, steps=1000, num_generations=8, batch_size=64,
+            max_prompt_len=512, max_completion_len=1024)
 
 # Slices for LoRA / QLoRA fine-tuning of a 7-8B model (option 'lora'), the same for each of them: the
 # frozen base in bfloat16 (one v6e chip, 32 GiB; or FSDP over a v5e-4) or in nf4 (one v5e chip,
@@ -47,10 +52,10 @@ def make(preset: str, slices: dict[str, dict[str, Any]], options: str, chat_temp
   lora = 'lora' in opts
   if lora:
     slices, default_slice = LORA_SLICES, 'v6e-1'
-  unknown = [o for o in opts if o not in ('sft', 'dpo', 'lora') and o not in slices]
+  unknown = [o for o in opts if o not in ('sft', 'dpo', 'grpo', 'lora') and o not in slices]
   if unknown:
-    raise ValueError(f'Unknown config option(s) {unknown}; known: sft, dpo, lora, {", ".join(slices)}'
-                     + (' (the slices for lora)' if lora else ''))
+    raise ValueError(f'Unknown config option(s) {unknown}; known: sft, dpo, grpo, lora, '
+                     f'{", ".join(slices)}' + (' (the slices for lora)' if lora else ''))
   chosen = [o for o in opts if o in slices]
   settings = slices[chosen[-1] if chosen else default_slice]
 
@@ -66,7 +71,7 @@ def make(preset: str, slices: dict[str, dict[str, Any]], options: str, chat_temp
   c.optimizer.update(dict(lr=3e-4, warmup_steps=2000, state_dtype=settings.get('state_dtype', '')))
   c.checkpoint.update(dict(every_steps=1000, keep=3))
   c.data.format = 'jsonl'
-  if 'sft' in opts or 'dpo' in opts:
+  if 'sft' in opts or 'dpo' in opts or 'grpo' in opts:
     c.init_from = ''
     c.train.update(dict(steps=SFT['steps'], eval_every=200))
     c.optimizer.update(dict(lr=SFT['lr'], warmup_steps=SFT['warmup_steps'],
@@ -82,4 +87,16 @@ def make(preset: str, slices: dict[str, dict[str, Any]], options: str, chat_temp
     c.train.update(dict(objective='dpo', steps=DPO['steps']))
     c.optimizer.update(dict(lr=DPO['lora_lr'] if lora else DPO['lr'], warmup_steps=DPO['warmup_steps']))
     c.data.format = 'preference'
+  if 'grpo' in opts:
+    # Microbatches of at most the tokens of the slice's own batch (the step's activations fit then).
+    seq_len = GRPO['max_prompt_len'] + GRPO['max_completion_len']
+    fits = settings['batch_size'] * settings.get('seq_len', 4096)
+    accum = 1
+    while accum < GRPO['batch_size'] and GRPO['batch_size'] * seq_len > accum * fits:
+      accum *= 2
+    c.train.update(dict(objective='grpo', steps=GRPO['steps'], batch_size=GRPO['batch_size'],
+                        seq_len=seq_len, grad_accum_steps=accum))
+    c.optimizer.update(dict(lr=GRPO['lora_lr'] if lora else GRPO['lr'], warmup_steps=GRPO['warmup_steps']))
+    c.grpo.update(dict(num_generations=GRPO['num_generations'], max_prompt_len=GRPO['max_prompt_len'],
+                       max_completion_len=GRPO['max_completion_len']))
   return c

@@ -323,13 +323,14 @@ class Trainer:
 
 
 def train(config: Any, workdir: str, data: DataSource | Callable[[], DataSource],
-          init_params: Callable[[Run], Any] | None = None) -> dict[str, float]:
+          init_params: Callable[[Run], Any] | None = None, trainer: type = Trainer) -> dict[str, float]:
   """Trains to `config.train.steps`, resuming from `workdir` if it holds checkpoints; one run per
   workdir (workdir.RunLock); a run that has finished already is left as it is.
 
   `data`: a DataSource, or a function that builds one (called once the workdir is locked).
   `init_params(run)` supplies starting parameters for a fresh run (fine-tuning); a fresh optimizer
-  state is built around them. Returns the last logged metrics (a finished run's final metrics).
+  state is built around them. `trainer`: the Trainer class (train.grpo's makes its batches by
+  sampling). Returns the last logged metrics (a finished run's final metrics).
   """
   with workdir_lib.RunLock(workdir, take_over=config.train.take_over_lock):
     final = workdir_lib.finished_run(workdir, config.train.steps)
@@ -342,4 +343,4 @@ def train(config: Any, workdir: str, data: DataSource | Callable[[], DataSource]
     # Before the data is built (train.dpo's reference pass writes to the workdir while building it).
     workdir_lib.check_config(config, workdir,
                              bool(params_lib.saved_steps(os.path.join(workdir, 'checkpoints'))))
-    return Trainer(config, workdir, data() if callable(data) else data, init_params).fit()
+    return trainer(config, workdir, data() if callable(data) else data, init_params).fit()

@@ -18,6 +18,7 @@ from model import sharding
 from train import batches
 from train import checkpoint
 from train import optimizer as optimizer_lib
+from train import policy_gradient as policy_gradient_lib
 from train import state as state_lib
 from train import step as step_lib
 from train import validate
@@ -47,6 +48,17 @@ class Run:
     tcfg = self.config.train
     if validate.objective(self.config) == 'lm':
       return step_lib.LanguageModeling(self.model, tcfg.z_loss, tcfg.loss_chunk_len)
+    if validate.objective(self.config) == 'grpo':
+      grpo = self.config.grpo
+      # The reference (beta > 0) runs in the step: the frozen start, with LoRA the base alone.
+      reference = None
+      if grpo.beta > 0:
+        reference = (Transformer(self.model_config, lora=self.lora, use_adapters=False)
+                     if self.lora.enabled else self.model)
+      return policy_gradient_lib.PolicyGradient(
+          self.model, grpo.loss_type, grpo.epsilon_low, grpo.epsilon_high, grpo.beta,
+          grpo.max_completion_len, temperature=grpo.temperature, reference_model=reference,
+          loss_chunk_len=tcfg.loss_chunk_len)
     dpo = self.config.dpo
     reference = None
     if dpo.loss not in step_lib.REFERENCE_FREE and dpo.reference == 'step':
@@ -61,10 +73,16 @@ class Run:
     return isinstance(self.objective, step_lib.Preference)
 
   @property
+  def policy_gradient(self) -> bool:
+    return isinstance(self.objective, policy_gradient_lib.PolicyGradient)
+
+  @property
   def reference_in_state(self) -> bool:
     """Whether the state holds a copy of the starting parameters: the reference model of preference
-    tuning in the step, without LoRA (with it, the reference is the base, in the state already)."""
-    return self.preference and self.objective.reference_model is not None and not self.lora.enabled
+    tuning or policy gradient in the step, without LoRA (with it, the reference is the base, in the
+    state already)."""
+    return ((self.preference or self.policy_gradient) and self.objective.reference_model is not None
+            and not self.lora.enabled)
 
   @property
   def precomputed_reference(self) -> bool:
@@ -84,8 +102,10 @@ class Run:
 
   def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
     shape = (self.config.train.batch_size, self.config.train.seq_len)
+    keys = (policy_gradient_lib.batch_keys() if self.policy_gradient else
+            batch_keys(self.preference, self.precomputed_reference))
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
-            for k, dtype in batch_keys(self.preference, self.precomputed_reference).items()}
+            for k, dtype in keys.items()}
 
   def train_step(self):
     tcfg = self.config.train

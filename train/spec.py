@@ -134,7 +134,7 @@ def resumable_keys(cls, prefix: str) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # The sections
 
-OBJECTIVES = ('lm', 'dpo')
+OBJECTIVES = ('lm', 'dpo', 'grpo')
 PREFERENCE_LOSSES = ('sigmoid', 'robust', 'ipo', 'simpo')
 DPO_REFERENCES = ('precompute', 'step')
 
@@ -176,7 +176,8 @@ class Train(Section):
   # once); for a 128k vocabulary the logits are the largest activation of the step.
   loss_chunk_len: int = setting(1024, at_least(0))
   # 'lm': next-token cross-entropy on the targets with loss weight (pretraining, instruction tuning);
-  # 'dpo': a preference loss over pairs (train.dpo, the `dpo` section).
+  # 'dpo': a preference loss over pairs (train.dpo, the `dpo` section); 'grpo': a policy-gradient loss
+  # on completions sampled from the model being trained (train.grpo, the `grpo` section).
   objective: str = setting('lm', one_of(*OBJECTIVES))
   early_stopping: EarlyStopping = section(EarlyStopping, resume=True)
 
@@ -248,6 +249,40 @@ class Dpo(Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class Grpo(Section):
+  """Reinforcement learning from rewards (train.grpo, train.objective='grpo'; train/policy_gradient.py).
+
+  Every step samples `num_generations` completions of each of train.batch_size / num_generations
+  prompts from the model being trained (train.batch_size counts completions, as TRL's batch does),
+  scores them with `rewards` (train/rewards.py: built-ins or module:function, comma-separated, with
+  `reward_weights`; `reward_column` is the record column the built-ins compare with), turns the
+  rewards into advantages within each prompt's group (`advantages`: grpo z-score, dr_grpo mean only,
+  rloo leave-one-out) and takes `num_iterations` steps on them, each with the clipped surrogate loss
+  (`epsilon_low`, `epsilon_high`), beta times the KL divergence from the frozen starting model (0: no
+  reference at all), aggregated by `loss_type` (dapo: the mean over all completion tokens; grpo: per
+  completion, then over completions; dr_grpo: over completions x max_completion_len). Sampling:
+  `temperature`, `top_k`, `top_p`, at most `max_completion_len` tokens, stopping at the chat
+  template's end of turn; prompts longer than `max_prompt_len` tokens are dropped and counted.
+  """
+  NAME: ClassVar[str] = 'grpo'
+  num_generations: int = setting(8, (lambda v: v >= 2, '>= 2 (advantages compare completions)'))
+  max_prompt_len: int = setting(128, positive)
+  max_completion_len: int = setting(64, positive)
+  temperature: float = setting(1.0, positive)
+  top_k: int = setting(0, at_least(0))
+  top_p: float = setting(1.0, (lambda v: 0 < v <= 1, 'in (0, 1]'))
+  rewards: str = setting('exact_match')
+  reward_weights: str = setting('')
+  reward_column: str = setting('reference')
+  advantages: str = setting('grpo', one_of('grpo', 'dr_grpo', 'rloo'))
+  loss_type: str = setting('dapo', one_of('grpo', 'dapo', 'bnpo', 'dr_grpo'))
+  epsilon_low: float = setting(0.2, at_least(0))
+  epsilon_high: float = setting(0.2, at_least(0))
+  beta: float = setting(0.0, at_least(0))
+  num_iterations: int = setting(1, positive)
+
+
+@dataclasses.dataclass(frozen=True)
 class Mesh(Section):
   """Device mesh: sizes of the data / fsdp / tensor axes; -1 takes whatever devices remain."""
   NAME: ClassVar[str] = 'mesh'
@@ -285,13 +320,14 @@ class Spec:
   """A whole run's settings, frozen; built by `Spec.of(config)` at the entry point."""
   SECTIONS: ClassVar[dict[str, type]] = {
       'train': Train, 'optimizer': Optimizer, 'checkpoint': Checkpoint, 'eval': Eval, 'dpo': Dpo,
-      'mesh': Mesh, 'logging': Logging, 'distributed': Distributed}
+      'grpo': Grpo, 'mesh': Mesh, 'logging': Logging, 'distributed': Distributed}
 
   train: Train
   optimizer: Optimizer
   checkpoint: Checkpoint
   eval: Eval
   dpo: Dpo
+  grpo: Grpo
   mesh: Mesh
   logging: Logging
   distributed: Distributed
@@ -331,8 +367,8 @@ class Spec:
     """Every problem of the sections' values, and between sections, that the config alone shows."""
     errors = []
     for name in self.SECTIONS:
-      if name == 'dpo' and self.train.objective != 'dpo':
-        continue  # the dpo section's values matter to preference tuning only
+      if name in ('dpo', 'grpo') and self.train.objective != name:
+        continue  # an objective's section matters to that objective only
       errors += getattr(self, name).problems()
     if self.train.objective == 'dpo':
       if self.train.z_loss:
@@ -341,6 +377,18 @@ class Spec:
       if self.data.get('format') not in ('preference', 'synthetic'):
         errors.append(f'train.objective=dpo trains on preference pairs: data.format must be '
                       f'"preference", got {self.data.get("format")!r}')
+    if self.train.objective == 'grpo':
+      grpo, train = self.grpo, self.train
+      if train.z_loss:
+        errors.append(f'train.z_loss ({train.z_loss}) applies to the language-modeling objective only; '
+                      'set it to 0 for train.grpo')
+      if grpo.num_generations >= 2 and train.batch_size % grpo.num_generations:
+        errors.append(f'train.batch_size ({train.batch_size}) counts completions: it must be a '
+                      f'multiple of grpo.num_generations ({grpo.num_generations})')
+      if train.seq_len < grpo.max_prompt_len + grpo.max_completion_len:
+        errors.append(f'train.seq_len ({train.seq_len}) must hold a prompt and its completion: at '
+                      f'least grpo.max_prompt_len + grpo.max_completion_len = '
+                      f'{grpo.max_prompt_len + grpo.max_completion_len}')
     return errors
 
   @classmethod

@@ -42,6 +42,12 @@ def _flatten(tree, prefix=''):
   return {prefix[:-1]: tree}
 
 
+def default_sections_json() -> dict:
+  """The spec's sections with their defaults, as config.json writes them."""
+  return json.loads(json.dumps({name: section.to_dict() for name, section in
+                                ((n, cls()) for n, cls in Spec.SECTIONS.items())}))
+
+
 def check_config(config: Any, workdir: str, has_checkpoint: bool):
   """Refuses to resume a workdir whose run used a different config, unless told to override."""
   path = epath.Path(workdir) / 'config.json'
@@ -49,9 +55,12 @@ def check_config(config: Any, workdir: str, has_checkpoint: bool):
     return
   saved = _flatten(json.loads(path.read_text()))
   current = _flatten(json.loads(config.to_json_best_effort()))
+  # A setting added to the project since the run began is the same run while it keeps its default.
+  defaults = _flatten(default_sections_json())
   changed = [f'{k}: {saved.get(k, "<absent>")!r} -> {current.get(k, "<absent>")!r}'
              for k in sorted(set(saved) | set(current))
-             if saved.get(k) != current.get(k) and not k.startswith(RESUME_MAY_CHANGE)]
+             if saved.get(k) != current.get(k) and not k.startswith(RESUME_MAY_CHANGE)
+             and not (k not in saved and k in defaults and current.get(k) == defaults[k])]
   if changed and not config.train.override_workdir_config:
     raise validate.ConfigError(
         f'{workdir} holds a run with a different config; resuming it would mix two runs:\n  '
