@@ -111,7 +111,7 @@ def load_run(workdir: str, label: str | None = None) -> dict[str, Any]:
   eval_path = f'{workdir}/eval_results.json'
   if not epath.Path(metrics_path).exists() and not epath.Path(eval_path).exists():
     raise FileNotFoundError(f'{workdir}: no metrics.jsonl or eval_results.json; is this the --workdir '
-                            'of a train.pretrain or train.sft run?')
+                            'of a training run (train.pretrain, train.sft, train.dpo)?')
   by_step = read_metrics(metrics_path) if epath.Path(metrics_path).exists() else {}
   series: dict[str, tuple[list[int], list[float]]] = {}
   for step in sorted(by_step):
