@@ -959,8 +959,9 @@ def template_from_flags(tokenizer: Tokenizer, per_turn: bool = False,
     raise app.UsageError(str(e)) from None
 
 
-def read_conversations(path: str) -> list[tuple[str, list[dict]]]:
-  """(file:line, messages) for each record of a chat JSONL file ({"messages": [...]})."""
+def read_conversations(path: str, limit: int = 0) -> list[tuple[str, list[dict]]]:
+  """(file:line, messages) for each record of a chat JSONL file ({"messages": [...]}); the first `limit`
+  (0: all)."""
   out = []
   with epath.Path(path).open('rb') as f:
     for where, raw, offset in records.lines(f, path):
@@ -971,6 +972,8 @@ def read_conversations(path: str) -> list[tuple[str, list[dict]]]:
       if not isinstance(record, dict) or 'messages' not in record:
         raise records.BadRecord(f'{where}: expected an object with "messages"')
       out.append((where, record['messages']))
+      if len(out) == limit:
+        break
   return out
 
 
@@ -979,7 +982,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments {list(argv[1:])}')
   tokenizer = load_tokenizer(FLAGS.tokenizer)
   template = template_from_flags(tokenizer, FLAGS.per_turn, none_if_unset=False)
-  conversations = read_conversations(FLAGS.input)  # a bad record is an error naming its file and line
+  # A bad record is an error naming its file and line.
+  conversations = read_conversations(FLAGS.input, FLAGS.limit)
   out = epath.Path(FLAGS.output).open('w') if FLAGS.output else None
   n_examples = n_empty = 0
   try:
@@ -1018,6 +1022,7 @@ def define_flags():
                       'generation prompt).')
   flags.DEFINE_bool('show', False, 'Print each rendering, the trained tokens marked.')
   flags.DEFINE_bool('per_turn', False, 'One example per assistant message (data.chat_per_turn).')
+  flags.DEFINE_integer('limit', 0, 'Only the first N conversations of --input (0: all).', lower_bound=0)
   flags.DEFINE_alias('per-turn', 'per_turn')
 
 

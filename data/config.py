@@ -12,7 +12,10 @@ from ml_collections import config_dict
 # Pretraining documents (data/sources.py), plus batches made up on the spot (data/synthetic.py).
 PRETRAIN_FORMATS = ('lines', 'files', 'jsonl', 'parquet', 'tfds', 'synthetic')
 # Instruction tuning records (data/sft.py), in JSON/JSONL files or, named *.parquet, Parquet files.
-SFT_FORMATS = ('alpaca', 'chat', 'prompt_completion')
+# sharegpt: chat records with ShareGPT's field and role names (data/instructions.py).
+SFT_FORMATS = ('alpaca', 'chat', 'sharegpt', 'prompt_completion')
+# The formats whose records are conversations (a list of messages), not single prompts.
+CHAT_FORMATS = ('chat', 'sharegpt')
 # Preference pairs (data/preference.py: prompt, chosen, rejected), for train.dpo; files as for SFT.
 PREFERENCE_FORMATS = ('preference',)
 UTF8_POLICIES = ('error', 'replace')
@@ -50,6 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
           instruction='instruction', input='input', output='output', messages='messages',
           role='role', content='content', prompt='prompt', completion='completion',
           chosen='chosen', rejected='rejected')),
+      # Role renames inside messages, comma-separated NAME=ROLE: 'human=user,gpt=assistant' ('': none;
+      # format sharegpt has those two already). Roles left unnamed stay as they are.
+      roles='',
       packing=True,          # several examples (preference pairs) per row; False: one per row, padded
       overlong='truncate',   # examples longer than seq_len: truncate | drop (counted either way)
       # Preference pairs: a longer prompt is cut to its last max_prompt_len tokens (overlong='truncate')
@@ -65,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
 # add_bos/eos) belong to the whole pipeline.
 SOURCE_KEYS = ('format', 'train_files', 'eval_files', 'text_field', 'tfds_name', 'tfds_data_dir',
                'tfds_train_split', 'tfds_eval_split', 'shuffle_buffer', 'invalid_utf8',
-               'max_record_bytes', 'skip_bad_records', 'fields', 'overlong', 'eval_fraction',
+               'max_record_bytes', 'skip_bad_records', 'fields', 'roles', 'overlong', 'eval_fraction',
                'max_prompt_len')
 
 

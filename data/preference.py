@@ -35,7 +35,7 @@ from absl import logging
 from data import chat, mixture, packing
 from data.batch import pad_batch
 from data.config import OVERLONG_POLICIES, PREFERENCE_FORMATS
-from data.instructions import message_list
+from data.instructions import message_list, role_map
 from data.records import BadRecord, Counters
 from data.sft import in_held_out_share, parsed_records
 from data.tokenizer import load_tokenizer
@@ -43,28 +43,32 @@ from data.tokenizer import load_tokenizer
 SIDES = ('chosen', 'rejected')
 
 
-def _messages(value: Any, name: str, role: str, fields: Any) -> list[dict[str, str]]:
-  """A record's field as a list of messages: a string is one message of `role`."""
+def _messages(value: Any, name: str, role: str, fields: Any, roles: dict[str, str] | None
+              ) -> list[dict[str, str]]:
+  """A record's field as a list of messages (their roles renamed by `roles`): a string is one message of
+  `role`."""
   key = fields[name]
   if isinstance(value, str):
     return [{'role': role, 'content': value}]
   if not isinstance(value, list):
     raise BadRecord(f'field {key!r} (config.data.fields.{name}) must be a string or a list of messages, '
                     f'got {type(value).__name__}')
-  return message_list(value, fields, f'field {key!r}: ')
+  return message_list(value, fields, f'field {key!r}: ', roles)
 
 
-def to_pair(record: Any, fields: Any) -> tuple[list[dict], list[dict], list[dict]]:
-  """One record -> (prompt, chosen, rejected) messages."""
+def to_pair(record: Any, fields: Any, roles: dict[str, str] | None = None
+            ) -> tuple[list[dict], list[dict], list[dict]]:
+  """One record -> (prompt, chosen, rejected) messages, their roles renamed by `roles`
+  (data/instructions.py role_map: config.data.roles)."""
   if not isinstance(record, dict):
     raise BadRecord(f'expected a JSON object, got {type(record).__name__}')
   for name in SIDES:
     if fields[name] not in record:
       raise BadRecord(f'missing field {fields[name]!r} (config.data.fields.{name}); record has '
                       f'{sorted(record)}')
-  chosen, rejected = (_messages(record[fields[n]], n, 'assistant', fields) for n in SIDES)
+  chosen, rejected = (_messages(record[fields[n]], n, 'assistant', fields, roles) for n in SIDES)
   if fields['prompt'] in record:
-    prompt = _messages(record[fields['prompt']], 'prompt', 'user', fields)
+    prompt = _messages(record[fields['prompt']], 'prompt', 'user', fields, roles)
   elif all(isinstance(record[fields[n]], list) for n in SIDES):  # implicit: the shared beginning
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
@@ -150,8 +154,10 @@ class PreferenceData:
     """(pairs, held-out pairs) of one source; the split by `eval_fraction` only applies without
     eval_files."""
     pairs, held_out = [], []
+    roles = role_map(cfg)
     for where, pair in parsed_records(patterns, cfg, self.counts, split,
-                                      lambda record: self._fit(self._render(record, cfg), split, cfg)):
+                                      lambda record: self._fit(self._render(record, cfg, roles), split,
+                                                               cfg)):
       if pair is None:
         continue
       if split == 'train' and not cfg.eval_files and in_held_out_share(where, cfg.eval_fraction):
@@ -160,9 +166,9 @@ class PreferenceData:
         pairs.append(pair)
     return pairs, held_out
 
-  def _render(self, record: Any, cfg: Any) -> list[chat.Example]:
+  def _render(self, record: Any, cfg: Any, roles: dict[str, str]) -> list[chat.Example]:
     """A record's two sides, each rendered as prompt + completion, trained on the completion only."""
-    prompt, chosen, rejected = to_pair(record, cfg.fields)
+    prompt, chosen, rejected = to_pair(record, cfg.fields, roles)
     sides = [self.template.completion_example(prompt, side) for side in (chosen, rejected)]
     for name, side in zip(SIDES, sides):
       if not any(side.mask):

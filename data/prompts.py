@@ -2,8 +2,9 @@
 prompts, with their columns for the reward functions, in a deterministic order that a step number
 alone locates.
 
-Records are those of instruction tuning (data/instructions.py: chat, prompt_completion or alpaca, as
-JSON, JSONL or Parquet; field names under config.data.fields). A record's prompt is its conversation up
+Records are those of instruction tuning (data/instructions.py: chat, sharegpt, prompt_completion or
+alpaca, as JSON, JSONL or Parquet, every Parquet column read; field names under config.data.fields,
+role names under config.data.roles). A record's prompt is its conversation up
 to its last user message, rendered with the chat template and its generation prompt; its reference
 answer (the `reference` column) is the content of the last assistant message, where there is one.
 Every field of the record is a column too (a chat record's `messages` included). A prompt longer than
@@ -22,9 +23,9 @@ import numpy as np
 from absl import logging
 
 from data import chat, records
-from data.config import SFT_FORMATS
+from data.config import CHAT_FORMATS, SFT_FORMATS
 from data.files import resolve_files
-from data.instructions import read_records, to_messages
+from data.instructions import read_records, role_map, to_messages
 from data.records import BadRecord
 from data.tokenizer import load_tokenizer
 
@@ -71,15 +72,16 @@ class PromptData:
     return self.counts.snapshot()
 
   def _records(self, patterns: str):
+    roles = role_map(self.config)
     for path in resolve_files(patterns):
-      for where, record in read_records(path, self.config, self.counts):
+      for where, record in read_records(path, self.config, self.counts, every_column=True):
         if isinstance(record, BadRecord):
           if self.config.skip_bad_records:
             self.counts.add('bad_records_skipped')
             continue
           raise record
         try:
-          yield where, record, to_messages(record, self.config.format, self.config.fields)
+          yield where, record, to_messages(record, self.config.format, self.config.fields, roles)
         except BadRecord as e:
           if self.config.skip_bad_records:
             self.counts.add('bad_records_skipped')
@@ -98,7 +100,7 @@ class PromptData:
       if self.max_prompt_len and len(ids) > self.max_prompt_len:
         self.counts.add(f'{split}_prompts_too_long' if split != 'train' else 'prompts_too_long')
         continue
-      prompt = asked if self.config.format == 'chat' else asked[-1]['content']
+      prompt = asked if self.config.format in CHAT_FORMATS else asked[-1]['content']
       prompts.append(Prompt(where, tuple(ids), prompt, {**record, 'reference': reference}))
     return prompts
 

@@ -17,7 +17,7 @@ from data import chat, mixture, packing, records
 from data.batch import pad_batch
 from data.config import OVERLONG_POLICIES, SFT_FORMATS
 from data.files import resolve_files
-from data.instructions import read_records, to_messages
+from data.instructions import read_records, role_map, to_messages
 from data.records import BadRecord
 from data.tokenizer import load_tokenizer
 
@@ -59,7 +59,8 @@ class SFTData:
         empty = self.counts.snapshot().get('train_empty_mask', 0) - empty_before
         raise BadRecord(f'no usable training examples in {cfg.train_files}' + (
             f': the loss masks of all {empty} are empty (chat template {self.template.name}; does any '
-            'message have the role "assistant"?)' if empty else ''))
+            'message have the role "assistant"? Other role names are renamed by config.data.roles, '
+            'e.g. "gpt=assistant")' if empty else ''))
     self.train_examples = [e for examples in self.train_sets for e in examples]
     self.eval_examples = [e for examples in self.eval_sets for e in examples]
     logging.info('SFT data: %d train and %d eval examples; %s', len(self.train_examples),
@@ -80,9 +81,10 @@ class SFTData:
     """(examples, held-out examples, held-out records as (where, messages)) of one source; for 'eval'
     every record is held out, for 'train' the share `eval_fraction` (without eval_files)."""
     examples, held_out, conversations = [], [], []
+    roles = role_map(cfg)
 
     def render(record):
-      messages = to_messages(record, cfg.format, cfg.fields)
+      messages = to_messages(record, cfg.format, cfg.fields, roles)
       return messages, self.template.examples(messages)
 
     for where, (messages, rendered) in parsed_records(patterns, cfg, self.counts, split, render):

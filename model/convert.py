@@ -72,7 +72,7 @@ def import_hf(hf_dir: str, out: str, dtype: str | None = None, tokenizer: str | 
     weights = hf.unstack_layers(weights, cfg.n_layers)
   params.save_params(out_dir, cfg, weights)
   nbytes = sum(x.nbytes for x in jax.tree.leaves(weights))
-  log(f'Wrote {out_dir}/0 ({nbytes / 2**30:.2f} GiB of {cfg.param_dtype} parameters)')
+  log(f'Wrote {out_dir}/0 ({runtime.format_size(nbytes)} of {cfg.param_dtype} parameters)')
   return cfg
 
 

@@ -6,7 +6,8 @@ metrics of its answers to a held-out instruction set.
       [--apply_chat_template --chat_template llama2] [--batch_size 16] [--output_path OUT --log_samples] \\
       [--dtype float32|bfloat16] [--param_dtype bfloat16] [--mesh 1,-1,1]
   python -m model.evaluate generate-metrics --ckpt runs/sft --tokenizer demo/tokenizer.model \\
-      --data demo/sft_data/eval.jsonl --chat_template llama2 [--format chat] [--metrics exact_match,f1] \\
+      --data demo/sft_data/eval.jsonl --chat_template llama2 [--format chat|sharegpt|...] \\
+      [--roles human=user,gpt=assistant] [--metrics exact_match,exact_match_strict,f1] \\
       [--output answers.jsonl] [--json_out scores.json]
 
 The first takes lm-eval's own flags (those of `lm_eval run`), prints its results table, and writes
@@ -19,8 +20,10 @@ saying so. Every task's data is read before the checkpoint is.
 
 `generate-metrics` answers each held-out record (any SFT format: data/instructions.py) greedily, from
 the conversation before its last assistant message, and scores the answers against those messages
-(model/evaluation/task_metrics.py: exact match, token F1, ROUGE-1/2/L, BLEU, chrF), per task where records have a
-"task" field; --output writes each answer and its scores as JSONL.
+(model/evaluation/task_metrics.py: exact match, token F1, ROUGE-1/2/L, BLEU, chrF; strict exact match on
+request), per task where records have a "task" field (a JSON field or a Parquet column: the same records
+give the same report in either); --output writes each answer and its scores as JSONL. References that
+SQuAD's normalisation turns into nothing ("The") are counted in a warning.
 
 Multi-host (a TPU slice): run the same command on every host. Each runs the whole (deterministic)
 harness as if it were the only process, issuing the same computations on the mesh; only process 0
@@ -118,13 +121,16 @@ def run_lm_eval():
 # Task metrics of generated answers
 
 def run_generate_metrics():
-  metrics = task_metrics.check_metrics(FLAGS.metrics)
+  with runtime.flag_error('metrics'):
+    metrics = task_metrics.check_metrics(FLAGS.metrics)
   cfg = data_config.get_config()
-  cfg.format = FLAGS.format
+  cfg.format, cfg.roles = FLAGS.format, FLAGS.roles
   try:
     cfg.fields.update(json.loads(FLAGS.fields) if FLAGS.fields else {})
   except (json.JSONDecodeError, KeyError) as e:
     raise app.UsageError(f'--fields: {e}') from None
+  with runtime.flag_error('roles'):
+    instructions.role_map(cfg)
   with runtime.flag_error('data'):  # a BadRecord names the file and line
     records = instructions.conversations(FLAGS.data, cfg, int(FLAGS.limit or 0))
   with runtime.flag_error('tokenizer'):
@@ -134,6 +140,7 @@ def run_generate_metrics():
     prompts, references = task_metrics.prompts_and_references(template, [(w, m) for w, m, _ in records])
   except ValueError as e:
     raise SystemExit(str(e)) from None
+  task_metrics.warn_empty_references(references, metrics, f'the {len(references)} records of {FLAGS.data}')
   model_config, lora, params, mesh = model_from_flags(tokenizer)
   generator = Generator(model_config, params, mesh, sharding.LOGICAL_AXIS_RULES, lora)
   answers = task_metrics.generate_answers(generator, tokenizer, prompts, template.stop_ids,
@@ -224,7 +231,10 @@ def define_flags():
                     'format.')
   flags.DEFINE_string('fields', '', 'generate-metrics: field names, as config.data.fields, as JSON (e.g. '
                       '\'{"prompt": "question", "completion": "answer"}\').')
-  flags.DEFINE_list('metrics', list(task_metrics.METRICS), 'generate-metrics: which metrics.')
+  flags.DEFINE_string('roles', '', 'generate-metrics: role renames, as config.data.roles (e.g. '
+                      '"human=user,gpt=assistant"; --format sharegpt has those).')
+  flags.DEFINE_list('metrics', list(task_metrics.DEFAULT_METRICS), 'generate-metrics: which metrics, of '
+                    f'{", ".join(task_metrics.METRICS)}.')
   flags.DEFINE_integer('max_new_tokens', 32, 'generate-metrics: tokens per answer at most.', lower_bound=1)
   flags.DEFINE_string('output', '', 'generate-metrics: write each answer and its scores here (JSONL).')
   flags.DEFINE_string('json_out', '', 'generate-metrics: write the scores here (JSON).')

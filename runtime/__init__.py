@@ -32,11 +32,16 @@ import time
 import traceback
 from typing import Callable, Mapping, Sequence
 
-import jax
-from absl import app, flags, logging
-from etils import epath
+# Before JAX (and TensorFlow) load, as model/__init__.py explains: errors only from their C++ logs, and
+# no oneDNN announcement from TensorFlow. The trainers import this package first.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
-from runtime import host_memory
+import jax  # pylint: disable=wrong-import-position
+from absl import app, flags, logging  # pylint: disable=wrong-import-position
+from etils import epath  # pylint: disable=wrong-import-position
+
+from runtime import host_memory  # pylint: disable=wrong-import-position
 
 _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -255,6 +260,13 @@ def _exit(code: int):
 
 # --------------------------------------------------------------------------------------------------
 # Command lines
+
+def format_size(nbytes: float) -> str:
+  """A size for people: in GiB, or in MiB under 0.01 GiB (a tiny model's 0.00 GiB says nothing)."""
+  if nbytes >= 0.01 * 2 ** 30:
+    return f'{nbytes / 2 ** 30:.2f} GiB'
+  return f'{nbytes / 2 ** 20:.2f} MiB'
+
 
 def dashed_aliases(names: Sequence[str]):
   """`--a-b` for each flag `a_b` in `names` (the spelling our commands have always accepted)."""

@@ -454,3 +454,16 @@ def test_cli_writes_ids_masks_prompts_and_shows_the_trained_text(tokenizers, tmp
   proc = run_cli('data.chat', '--tokenizer', sp.path, '--chat-template', 'mistral', '--input', data)
   assert proc.returncode != 0
   assert 'chats.jsonl:2: chat template mistral' in proc.stderr and 'must alternate' in proc.stderr
+
+
+def test_cli_limit_shows_only_the_first_conversations_and_no_tensorflow_start_up_lines(tokenizers, tmp_path):
+  sp = tokenizers['sp'][0]
+  data = tmp_path / 'chats.jsonl'
+  data.write_text(''.join(json.dumps({'messages': m}) + '\n' for m in CONVERSATIONS[:3]))
+  proc = run_cli('data.chat', '--tokenizer', sp.path, '--chat-template', 'llama2', '--input', data,
+                 '--show', '--limit', '2')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert [line.split(':')[1] for line in proc.stdout.splitlines() if line.startswith('--- ')] == ['1', '2']
+  assert '2 examples with chat template llama2; 0 with nothing to train' in proc.stdout
+  # TensorFlow's oneDNN and CPU-instruction notices are quieted by default (README).
+  assert 'oneDNN' not in proc.stderr and 'cpu_feature_guard' not in proc.stderr, proc.stderr

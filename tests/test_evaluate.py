@@ -282,3 +282,37 @@ def test_generate_metrics_scores_answers_to_any_sft_format(models, tmp_path):
   proc = run_cli('model.evaluate', 'generate-metrics', '--ckpt', ckpt, '--tokenizer', hf_dir, '--data', data)
   assert proc.returncode != 0
   assert f'{data}:1: a held-out conversation must end with the assistant answer' in proc.stderr
+
+
+def test_generate_metrics_gives_the_same_report_from_jsonl_and_parquet(models, tmp_path):
+  """The same ShareGPT records as JSONL and as Parquet (pyarrow): the same printed report, per-task
+  scores and answers file, each answer's `task` included; the references that SQuAD's normalisation
+  empties ("The") are counted in one warning."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  hf_dir, ckpt, _, _ = models
+  rows = [{'conversations': [{'from': 'human', 'value': f'What is {i} plus {i}?'},
+                             {'from': 'gpt', 'value': 'The' if i == 3 else str(2 * i)}],
+           'task': 'sum' if i % 2 else 'double'} for i in range(5)]
+  jsonl, parquet = tmp_path / 'heldout.jsonl', tmp_path / 'heldout.parquet'
+  jsonl.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  pq.write_table(pa.Table.from_pylist(rows), str(parquet), row_group_size=2)
+  reports = []
+  for data in (jsonl, parquet):
+    answers, scores = tmp_path / f'{data.name}.answers.jsonl', tmp_path / f'{data.name}.scores.json'
+    proc = run_cli('model.evaluate', 'generate-metrics', '--ckpt', ckpt, '--tokenizer', hf_dir, '--data', data,
+                   '--format', 'sharegpt', '--chat_template', 'llama3', '--max_new_tokens', '4',
+                   '--batch_size', '4', '--metrics', 'exact_match,exact_match_strict,f1', '--output', answers,
+                   '--json_out', scores)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count('normalise to the empty string') == 1, proc.stderr[-3000:]
+    assert f'1 of 5 references of the 5 records of {data} normalise to the empty string' in proc.stderr
+    with open(answers, encoding='utf-8') as f:
+      lines = [json.loads(line) for line in f]
+    with open(scores, encoding='utf-8') as f:
+      written = json.load(f)
+    assert [line['task'] for line in lines] == [r['task'] for r in rows]
+    assert sorted(written['per_task']) == ['double', 'sum']
+    assert list(written['metrics']) == ['exact_match', 'exact_match_strict', 'f1']
+    reports.append((proc.stdout, [{k: v for k, v in line.items() if k != 'where'} for line in lines], written))
+  assert reports[0] == reports[1]

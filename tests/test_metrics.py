@@ -65,3 +65,26 @@ def test_jsonl_on_an_object_store_is_rewritten_not_appended(tmp_path, monkeypatc
   log = metrics.JsonlLog(str(path), rewrite_every_s=0)
   log.append({'step': 4})
   assert json.loads(path.read_text().splitlines()[-1]) == {'step': 4}
+
+
+def test_z_loss_is_logged_only_where_it_is_applied():
+  """`z_loss` in the metrics is the term added to the loss, so it is there only with train.z_loss > 0;
+  the squared log-partition it penalises is `log_z_squared`, always. The loss is what it was."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from train.step import LanguageModeling  # pylint: disable=import-outside-toplevel
+  sums = {'ce': jnp.float32(20.0), 'z': jnp.float32(40.0), 'weight': jnp.float32(10.0)}
+  off = LanguageModeling(None).metrics(sums, sums['weight'])
+  assert sorted(off) == ['log_z_squared', 'loss', 'tokens']
+  assert (float(off['loss']), float(off['log_z_squared']), float(off['tokens'])) == (2.0, 4.0, 10.0)
+  on = LanguageModeling(None, z_loss=1e-4)
+  assert sorted(on.metrics(sums, sums['weight'])) == ['log_z_squared', 'loss', 'tokens', 'z_loss']
+  assert float(on.metrics(sums, sums['weight'])['z_loss']) == pytest.approx(1e-4 * 4.0)
+  assert float(on.total(sums)) == pytest.approx(20.0 + 1e-4 * 40.0)
+
+
+def test_sizes_under_a_hundredth_of_a_gib_are_shown_in_mib():
+  import runtime  # pylint: disable=import-outside-toplevel
+  assert runtime.format_size(5.2e6) == '4.96 MiB'  # a tiny model's parameters: not "0.00 GiB"
+  assert runtime.format_size(10 * 2 ** 20) == '10.00 MiB'
+  assert runtime.format_size(0.01 * 2 ** 30) == '0.01 GiB'
+  assert runtime.format_size(14.96 * 2 ** 30) == '14.96 GiB'

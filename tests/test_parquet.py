@@ -12,7 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from configs import sft_tiny, tiny
-from data import demo_corpus, sources
+from data import config as data_config
+from data import demo_corpus, instructions, sources
+from data.prompts import PromptData
 from data.pretrain import PretrainData
 from data.records import BadRecord
 from data.sft import SFTData
@@ -147,6 +149,28 @@ def test_sft_parquet_written_by_datasets_equals_jsonl(demo_data, chat_records, t
       np.testing.assert_array_equal(mask_a, mask_b)
     it_a, it_b = a.train_iterator(0, 1, 4), b.train_iterator(0, 1, 4)
     _assert_same_batches([next(it_a) for _ in range(3)], [next(it_b) for _ in range(3)])
+
+
+def test_records_read_whole_keep_every_parquet_column_as_jsonl_keeps_every_field(demo_data, chat_records,
+                                                                                 tmp_path):
+  """Evaluation (model.evaluate generate-metrics: each record's `task`) and GRPO prompts (the reward
+  functions' columns) read the whole record: from Parquet the same as from JSONL, not only the
+  format's columns."""
+  rows = chat_records[:40]
+  assert all('task' in r for r in rows)
+  jsonl = write_jsonl(tmp_path / 'heldout.jsonl', rows)
+  parquet = write_parquet(tmp_path / 'heldout.parquet', rows, rows_per_group=16)
+  cfg = data_config.get_config()
+  cfg.update(dict(format='chat', tokenizer=demo_data['tokenizer'], train_files=jsonl))
+  from_jsonl, from_parquet = (instructions.conversations(p, cfg) for p in (jsonl, parquet))
+  assert [(m, r) for _, m, r in from_jsonl] == [(m, r) for _, m, r in from_parquet] == [
+      (r['messages'], r) for r in rows]
+  assert from_parquet[1][0] == f'{parquet}, row group 0, row 1'
+  prompts = {}
+  for files in (jsonl, parquet):
+    cfg.train_files = files
+    prompts[files] = [(p.ids, p.columns) for p in PromptData(cfg, 0).prompts]
+  assert prompts[jsonl] == prompts[parquet] and prompts[jsonl][0][1]['task'] == rows[0]['task']
 
 
 def _read(demo_data, path, **data):

@@ -100,3 +100,61 @@ def test_cli_names_a_folder_without_metrics(tmp_path):
                         env={**os.environ, 'PYTHONPATH': ROOT}, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1
   assert f'{tmp_path}: no metrics.jsonl or eval_results.json' in proc.stderr
+
+
+def _write_json(workdir, name, value):
+  with open(os.path.join(workdir, name), 'w', encoding='utf-8') as f:
+    json.dump(value, f)
+
+
+def test_task_metrics_panel_and_the_best_by_the_early_stopping_metric(tmp_path):
+  """An SFT run that scored answers and stopped early on eval_exact_match: a panel of its task metrics,
+  and the summary's best is that metric's (best_checkpoint.json), not the lowest held-out loss."""
+  workdir = str(tmp_path / 'sft')
+  evals = [{'step': 0, 'eval_loss': 5.0, 'eval_perplexity': 148.4, 'eval_tokens': 900.0,
+            'eval_exact_match': 0.0, 'eval_rougeL': 1.0},
+           {'step': 10, 'eval_loss': 2.0, 'eval_perplexity': 7.4, 'eval_tokens': 900.0,
+            'eval_exact_match': 70.0, 'eval_rougeL': 72.0},
+           {'step': 20, 'eval_loss': 1.5, 'eval_perplexity': 4.5, 'eval_tokens': 900.0,
+            'eval_exact_match': 60.0, 'eval_rougeL': 65.0}]
+  _write_run(workdir, [_train(10, 2.5, 800.0), _train(20, 1.8, 800.0)], evals)
+  _write_json(workdir, 'config.json', {'train': {'objective': 'lm', 'early_stopping': {
+      'metric': 'eval_exact_match', 'mode': '', 'patience': 3}}})
+  run = plot.load_run(workdir)
+  line = plot.summary(run)
+  assert 'held-out loss 5.0000 (step 0) -> 1.5000 (step 20),' in line
+  assert 'best eval_exact_match 70.0000 at step 10' in line and 'best 1.5000' not in line
+  assert 'exact_match 0.0 (step 0) -> 60.0 (step 20)' in line and 'rougeL 1.0 (step 0) -> 65.0' in line
+  _write_json(workdir, 'best_checkpoint.json', {'step': 10, 'metric': 'eval_exact_match', 'value': 70.0,
+                                                'mode': 'max'})
+  assert 'best eval_exact_match 70.0000 at step 10' in plot.summary(plot.load_run(workdir))
+  fig, _ = plot.plot_runs([workdir])
+  task = next(ax for ax in fig.axes if ax.get_title().startswith('Task metrics'))
+  assert [l.get_label() for l in task.get_lines()] == ['sft exact_match', 'sft rougeL']
+  assert list(task.get_lines()[0].get_ydata()) == [0.0, 70.0, 60.0]
+  assert fig.axes[0].get_ylabel() == 'cross-entropy (nats/token)'
+
+
+def test_dpo_run_has_its_loss_named_and_reward_panels(tmp_path, capsys):
+  workdir = str(tmp_path / 'dpo')
+  records = [{**_train(s, 0.69 - 0.01 * s, 500.0), 'rewards/accuracies': 0.1 * s, 'rewards/margins': 0.05 * s,
+              'rewards/chosen': 0.0, 'rewards/rejected': -0.05 * s} for s in (1, 2, 3)]
+  evals = [{'step': 0, 'eval_loss': 0.6931, 'eval_pairs': 150.0, 'eval_rewards/accuracies': 0.0,
+            'eval_rewards/margins': 0.0},
+           {'step': 3, 'eval_loss': 0.5, 'eval_pairs': 150.0, 'eval_rewards/accuracies': 0.9,
+            'eval_rewards/margins': 0.4}]
+  _write_run(workdir, records, evals)
+  _write_json(workdir, 'config.json', {'train': {'objective': 'dpo', 'early_stopping': {'metric': ''}},
+                                       'dpo': {'loss': 'sigmoid'}})
+  fig, runs = plot.plot_runs([workdir])
+  titles = [ax.get_title() for ax in fig.axes]
+  assert titles == ['Loss', 'Throughput', 'Learning rate', 'Gradient norm', 'Preference accuracy',
+                    'Reward margin']  # no task metrics: none were scored
+  assert fig.axes[0].get_ylabel() == 'DPO loss (sigmoid)'
+  accuracy = fig.axes[4]
+  assert [l.get_label() for l in accuracy.get_lines()] == ['dpo train', 'dpo held-out']
+  assert list(accuracy.get_lines()[1].get_ydata()) == [0.0, 90.0]
+  assert list(fig.axes[5].get_lines()[0].get_ydata()) == pytest.approx([0.05, 0.1, 0.15])
+  line = plot.summary(runs[0])
+  assert 'train DPO loss 0.6600' in line and 'held-out DPO loss 0.6931 (step 0) -> 0.5000 (step 3)' in line
+  assert 'held-out preference accuracy 0.0% (step 0) -> 90.0% (step 3)' in line

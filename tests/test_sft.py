@@ -152,6 +152,91 @@ def _model_and_batch(demo_data, sft_files):
   return model, params, batch
 
 
+def test_sharegpt_and_other_role_names_reach_sft_preference_pairs_and_prompts(demo_data, sft_files, tmp_path):
+  """ShareGPT records (conversations of from/value messages, roles human/gpt/system) give the examples
+  that the same conversations as chat records give; config.data.roles renames other role names, for
+  instruction tuning, preference pairs and GRPO prompts alike. A role left unknown is the template's
+  error naming file and line, and conversations without an assistant say where roles are renamed."""
+  from data import config as data_config, instructions, preference  # pylint: disable=import-outside-toplevel
+  from data.prompts import PromptData  # pylint: disable=import-outside-toplevel
+  with open(sft_files['train'], encoding='utf-8') as f:
+    chats = [json.loads(line) for line in f][:24]
+  chats[0]['messages'].insert(0, {'role': 'system', 'content': 'Answer in one word.'})
+  sharegpt_names = {'system': 'system', 'user': 'human', 'assistant': 'gpt'}
+  sharegpt = [{'conversations': [{'from': sharegpt_names[m['role']], 'value': m['content']}
+                                 for m in r['messages']], 'task': r['task']} for r in chats]
+  chat_path = _write(tmp_path / 'chat.jsonl', [json.dumps(r) for r in chats])
+  sharegpt_path = _write(tmp_path / 'sharegpt.jsonl', [json.dumps(r) for r in sharegpt])
+  expected = SFTData(_config(demo_data, sft_files, train_files=chat_path, eval_files=chat_path).data, SEQ)
+  got = SFTData(_config(demo_data, sft_files, train_files=sharegpt_path, eval_files=sharegpt_path,
+                        format='sharegpt').data, SEQ)
+  assert len(got.train_examples) == len(chats)
+  for (ids_a, mask_a), (ids_b, mask_b) in zip(expected.train_examples, got.train_examples):
+    np.testing.assert_array_equal(ids_a, ids_b)
+    np.testing.assert_array_equal(mask_a, mask_b)
+  assert [m for _, m in got.eval_conversations] == [r['messages'] for r in chats]
+  # Field names that config.data.fields sets win over sharegpt's; data.roles adds to its roles.
+  renamed = [{'turns': [{'from': {'human': 'person', 'gpt': 'bot'}.get(m['from'], m['from']),
+                         'value': m['value']} for m in r['conversations']]} for r in sharegpt]
+  renamed_path = _write(tmp_path / 'renamed.jsonl', [json.dumps(r) for r in renamed])
+  cfg = _config(demo_data, sft_files, train_files=renamed_path, eval_files='', format='sharegpt',
+                roles='person=user, bot=assistant').data
+  cfg.fields.messages = 'turns'
+  got = SFTData(cfg, SEQ)
+  assert [ids.tolist() for ids, _ in got.train_examples] == [ids.tolist() for ids, _ in expected.train_examples]
+  # The same names in chat records ({"role", "content"}), for the formats that read messages.
+  people = [{'messages': [{'role': {'user': 'person', 'assistant': 'bot'}.get(m['role'], m['role']),
+                           'content': m['content']} for m in r['messages']]} for r in chats]
+  people_path = _write(tmp_path / 'people.jsonl', [json.dumps(r) for r in people])
+  cfg = _config(demo_data, sft_files, train_files=people_path, eval_files='', roles='person=user,bot=assistant')
+  assert len(SFTData(cfg.data, SEQ).train_examples) == len(chats)
+  cfg.data.roles = ''
+  with pytest.raises(BadRecord, match='people.jsonl:1: chat template llama2 .*must alternate'):
+    SFTData(cfg.data, SEQ)
+  cfg.data.roles = 'person=user'
+  with pytest.raises(BadRecord, match='the loss masks of all 24 are empty .*config.data.roles'):
+    SFTData(cfg.data, SEQ)
+  cfg.data.roles = 'person'
+  with pytest.raises(ValueError, match='config.data.roles must be comma-separated NAME=ROLE pairs'):
+    SFTData(cfg.data, SEQ)
+  # Preference pairs: the prompt's and the completions' messages.
+  fields = data_config.get_config().fields
+  pair = {'prompt': [{'role': 'person', 'content': 'Hi'}], 'chosen': [{'role': 'bot', 'content': 'Hello'}],
+          'rejected': [{'role': 'bot', 'content': 'Go'}]}
+  prompt, chosen, rejected = preference.to_pair(pair, fields, {'person': 'user', 'bot': 'assistant'})
+  assert (prompt[0]['role'], chosen[0]['role'], rejected[0]['role']) == ('user', 'assistant', 'assistant')
+  # GRPO prompts: chat messages, renamed, with the record's columns.
+  cfg = _config(demo_data, sft_files, train_files=sharegpt_path, eval_files='', format='sharegpt').data
+  prompts = PromptData(cfg, 0).prompts
+  assert prompts[1].prompt == chats[1]['messages'][:-1] and prompts[1].columns['task'] == chats[1]['task']
+  assert prompts[1].columns['reference'] == chats[1]['messages'][-1]['content']
+  assert instructions.role_map(cfg) == {'human': 'user', 'gpt': 'assistant'}
+
+
+def test_generation_eval_warns_once_of_references_that_normalise_to_nothing(demo_data, sft_files, tmp_path,
+                                                                             caplog):
+  """Held-out answers such as "The" normalise to nothing under SQuAD's exact match and F1, which then
+  count an empty answer as right: scoring them says so once, when the run starts, with the count."""
+  import logging  # pylint: disable=import-outside-toplevel
+  import types  # pylint: disable=import-outside-toplevel
+  from model.lora import LoraConfig  # pylint: disable=import-outside-toplevel
+  article = json.dumps({'messages': [{'role': 'user', 'content': 'Which word comes first?\nThe end'},
+                                     {'role': 'assistant', 'content': 'The'}]})
+  heldout = _write(tmp_path / 'heldout.jsonl', [GOOD, article, article])
+  c = _config(demo_data, sft_files, eval_files=heldout)
+  data = SFTData(c.data, SEQ)
+  run = types.SimpleNamespace(model_config=ModelConfig(**SMALL_MODEL), mesh=None, lora=LoraConfig())
+  for metrics, warned in (('exact_match,rougeL', True), ('exact_match_strict,rougeL', False)):
+    c.eval.generation.metrics = metrics
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      evaluation.GenerationEval(c, run, data, str(tmp_path / 'run'), primary=True)
+    warnings = [r.getMessage() for r in caplog.records if 'normalise to the empty string' in r.getMessage()]
+    assert len(warnings) == warned, warnings
+    if warned:
+      assert warnings[0].startswith('2 of 3 references of the 3 held-out conversations')
+
+
 def test_prompt_targets_carry_no_gradient(demo_data, sft_files):
   model, params, batch = _model_and_batch(demo_data, sft_files)
   weights = batch['loss_weights']

@@ -177,9 +177,9 @@ def format_result(r: dict[str, float], name: str = '') -> str:
     lines.append(f"  loglikelihood    {r['loglikelihood_tokens_per_s']:,.0f} tokens/s (lm-eval scoring, "
                  f"{r['batch_size']} x {r['seq_len']} per batch; first call with compilation "
                  f"{r['loglikelihood_first_call_s']:.1f} s)")
-  mem = [f"{k[:-4]} {r[k]:.3f} GiB" for k in ('argument_gib', 'output_gib', 'temp_gib',
-                                              'compiled_total_gib', 'device_peak_gib',
-                                              'host_peak_rss_gib') if k in r]
+  mem = [f"{k[:-4]} {runtime.format_size(r[k] * 2 ** 30)}"
+         for k in ('argument_gib', 'output_gib', 'temp_gib', 'compiled_total_gib', 'device_peak_gib',
+                   'host_peak_rss_gib') if k in r]
   lines.append('  memory/device    ' + ', '.join(mem))
   return '\n'.join(lines)
 

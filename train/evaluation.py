@@ -6,7 +6,9 @@ Generation: every `every_steps` steps (0: with each held-out loss evaluation, tr
 model answers the first `num_prompts` held-out conversations greedily (model/evaluation/task_metrics.py), and
 the scores join that step's entry of eval_results.json, metrics.jsonl and TensorBoard as
 `eval_<metric>` (eval_exact_match, eval_rougeL, ...); each evaluation's answers go to
-generation_samples/<step>.jsonl.
+generation_samples/<step>.jsonl. References that SQuAD's normalisation empties ("The") are counted in a
+warning when the run starts: exact_match and f1 count an empty answer as right for them, and
+eval_exact_match_strict does not.
 
 Early stopping watches one value of the evaluations after step 0 (`metric`: eval_loss, or any
 eval_<task metric> configured): an evaluation is the new best when it beats the best so far by more
@@ -59,6 +61,10 @@ class GenerationEval:
     self.where = [w for w, _ in conversations]
     self.questions = [m[-2]['content'] if len(m) > 1 else '' for _, m in conversations]
     self.prompts, self.references = task_metrics.prompts_and_references(data.template, conversations)
+    # Once per run: an artifact of the metric that early stopping could otherwise pick a step on.
+    task_metrics.warn_empty_references(self.references, self.metrics,
+                                       f'the {len(conversations)} held-out conversations scored while '
+                                       'tuning (config.eval.generation)')
     self.tokenizer, self.stop_ids = data.tokenizer, data.template.stop_ids
     self.every = cfg.every_steps or config.train.eval_every
     self.max_new_tokens, self.batch_size = cfg.max_new_tokens, cfg.batch_size

@@ -213,8 +213,8 @@ class Checkpoint(Section):
 class Generation(Section):
   """Task metrics of generated answers during tuning (train/evaluation.py): greedy answers to the first
   num_prompts held-out conversations, every every_steps steps (0: with each held-out loss evaluation),
-  scored by `metrics` (comma-separated: exact_match, f1, rouge1, rouge2, rougeL, bleu, chrf; '' for
-  none)."""
+  scored by `metrics` (comma-separated: exact_match, exact_match_strict, f1, rouge1, rouge2, rougeL,
+  bleu, chrf; '' for none)."""
   NAME: ClassVar[str] = 'eval.generation'
   metrics: str = setting('')
   num_prompts: int = setting(100, positive)

@@ -151,8 +151,14 @@ class LanguageModeling:
     return sums['ce'] + self.z_loss * sums['z']
 
   def metrics(self, sums, total_weight) -> dict[str, jax.Array]:
-    return {'loss': sums['ce'] / total_weight, 'z_loss': sums['z'] / total_weight,
-            'tokens': sums['weight']}
+    """loss: the cross-entropy (without the z-loss term); log_z_squared: the mean squared log-partition
+    that z-loss penalises (a sign of logits drifting, worth watching without it); z_loss: the term
+    added to the loss, only where it is added; tokens: the tokens trained (loss weight)."""
+    out = {'loss': sums['ce'] / total_weight, 'log_z_squared': sums['z'] / total_weight,
+           'tokens': sums['weight']}
+    if self.z_loss:
+      out['z_loss'] = self.z_loss * sums['z'] / total_weight
+    return out
 
   def eval_results(self, totals) -> dict[str, float]:
     loss = float(totals['ce'] / max(totals['weight'], 1.0))

@@ -23,6 +23,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from data import config as data_config
 from model.weights.params import is_remote, saved_steps
 from train import validate
 from train.spec import Spec
@@ -43,9 +44,9 @@ def _flatten(tree, prefix=''):
 
 
 def default_sections_json() -> dict:
-  """The spec's sections with their defaults, as config.json writes them."""
-  return json.loads(json.dumps({name: section.to_dict() for name, section in
-                                ((n, cls()) for n, cls in Spec.SECTIONS.items())}))
+  """The spec's sections and the data section with their defaults, as config.json writes them."""
+  sections = {name: cls().to_dict() for name, cls in Spec.SECTIONS.items()}
+  return json.loads(json.dumps({**sections, 'data': data_config.get_config().to_dict()}))
 
 
 def check_config(config: Any, workdir: str, has_checkpoint: bool):
