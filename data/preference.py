@@ -20,9 +20,10 @@ end (the longer one first), or is dropped; one whose prompt leaves no room for b
 dropped. All counted in the logs. Bad records (a missing field, an empty completion, chosen identical to
 rejected) name the file and line, or are skipped and counted with `data.skip_bad_records`.
 
-Each batch can also carry the reference model's log-probabilities of every completion (`ref_logps`),
-from a table computed before training (train/dpo.py): the pipeline marks each pair with its index
-(`example_ids`) for that pass, and `set_reference` attaches the table's values.
+Batches mark each pair with its index (`example_ids`: training pairs first, then held-out ones); the
+data holds nothing of a model: the trainer computes the reference model's log-probabilities of the
+pairs by that index and joins them to the batches (train/reference_pass.py), which also takes the
+index out.
 """
 
 import hashlib
@@ -109,7 +110,6 @@ class PreferenceData:
     self.counts = Counters()
     self.sources = mixture.sources(data_config)
     self._train_iterator = None
-    self.reference_logps = None  # [train pairs + eval pairs, 2]: see set_reference
     self.train_sets, self.eval_sets = [], []  # per source: pairs (ids, mask, chosen length)
     for source in self.sources:
       cfg = source.config
@@ -256,35 +256,15 @@ class PreferenceData:
   def has_eval(self) -> bool:
     return bool(self.eval_pairs)
 
-  def set_reference(self, logps: np.ndarray):
-    """The reference model's log-probability of each pair's chosen and rejected completion ([train
-    pairs + eval pairs, 2], in `example_ids` order): batches carry them from now on as `ref_logps`."""
-    expected = (len(self.train_pairs) + len(self.eval_pairs), 2)
-    if logps.shape != expected:
-      raise ValueError(f'reference log-probabilities of shape {logps.shape}, expected {expected}')
-    self.reference_logps = np.asarray(logps, np.float32)
-
-  def step_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A batch as the train step takes it: without `example_ids`, with `ref_logps` once a reference
-    table is set."""
-    batch = dict(batch)
-    example_ids = batch.pop('example_ids')
-    if self.reference_logps is not None:
-      first = (batch['positions'] == 0) & (batch['segment_ids'] > 0)  # each segment's first token
-      values = self.reference_logps[example_ids, 1 - batch['chosen']]
-      if np.isnan(values[first]).any():
-        raise ValueError('a pair of this batch has no reference log-probability in the table')
-      batch['ref_logps'] = np.where(first, values, 0).astype(np.float32)
-    return batch
-
   def train_iterator(self, shard_index, shard_count, batch_size):
-    self._train_iterator = _Iterator(self.dataset('train', shard_index, shard_count, batch_size),
-                                     [s.name for s in self.sources if s.name], self.step_batch)
+    """Shuffled, endless batches of the training pairs, with `example_ids`."""
+    self._train_iterator = mixture.Iterator(self.dataset('train', shard_index, shard_count, batch_size),
+                                            [s.name for s in self.sources if s.name])
     return self._train_iterator
 
   def eval_batches(self, shard_index, shard_count, batch_size, max_batches):
-    return [self.step_batch(b) for b in self.ordered_batches('eval', shard_index, shard_count, batch_size,
-                                                              max_batches)]
+    """This host's held-out batches (at most `max_batches`; 0: all), with `example_ids`."""
+    return list(self.ordered_batches('eval', shard_index, shard_count, batch_size, max_batches))
 
   def ordered_batches(self, split: str, shard_index, shard_count, batch_size, max_batches: int = 0
                       ) -> Iterator[dict[str, np.ndarray]]:
@@ -297,15 +277,4 @@ class PreferenceData:
       ds = ds.take(max_batches)
     for batch in mixture.Iterator(ds):
       yield pad_batch(batch, batch_size)
-
-
-class _Iterator(mixture.Iterator):
-  """The training iterator: batches as the step takes them (`PreferenceData.step_batch`)."""
-
-  def __init__(self, dataset, names, finish):
-    super().__init__(dataset, names)
-    self._finish = finish
-
-  def __next__(self):
-    return self._finish(super().__next__())
 

@@ -119,7 +119,7 @@ def export_hf(ckpt: str, out: str, arch: str | None = None, dtype: str = 'bfloat
 def export_peft(ckpt: str, out: str, base_name: str = '', log=print) -> dict:
   """Writes the LoRA adapters of `ckpt` as a PEFT adapter folder; returns its adapter_config.json."""
   log = log or hf.silent
-  ref = params.load_lora_reference(ckpt)
+  ref = params.load_base_pointer(ckpt)
   if ref is None:
     raise ValueError(f'{ckpt} holds no LoRA adapters (config.lora.rank was 0): use `export`')
   cfg = params.load_model_config(ckpt)
@@ -141,7 +141,7 @@ def import_peft(adapter_dir: str, base: str, out: str, log=print) -> LoraConfig:
   lora, weights = peft.read(adapter_dir, cfg, f'--base {base}')
   base_weights = adapters.load_plain_numpy(base, cfg)
   params.save_params(out_dir, cfg, weights,
-                     lora=adapters.reference(base, adapters.fingerprint(base_weights), lora))
+                     lora=adapters.base_pointer(base, adapters.fingerprint(base_weights), lora))
   log(f'Wrote {out_dir}/0: LoRA rank {lora.rank} adapters on {lora.targets} over {base}')
   return lora
 

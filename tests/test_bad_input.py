@@ -10,7 +10,7 @@ from configs import default, tiny
 from data.pretrain import PretrainData
 from data.records import BadRecord
 from data.synthetic import SyntheticData
-from train import checkpoint, loop, validate
+from train import loop, start as start_lib, validate
 from train import run as run_lib
 
 SMALL_MODEL = dict(vocab_size=512, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
@@ -106,4 +106,4 @@ def test_init_from_a_checkpoint_of_another_shape_names_the_parameter(tmp_path):
   expected = ("parameter ['layers']['mlp']['down_proj'] has shape (2, 128, 64) in the checkpoint but "
               'the model expects (2, 256, 64)')
   with pytest.raises(validate.ConfigError, match=re.escape(expected)):
-    checkpoint.params_from(workdir)(run_lib.Run(other))
+    start_lib.load_init_from(run_lib.Run(other), workdir)

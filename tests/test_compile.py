@@ -102,7 +102,7 @@ def test_config_variants():
 
 
 def test_compiles_the_model_of_init_from(tmp_path):
-  """train.compile takes the model from config.init_from as training does (train/checkpoint.py
+  """train.compile takes the model from config.init_from as training does (train/start.py
   model_config): the state compiled is that checkpoint's model's, not the config's preset's."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel

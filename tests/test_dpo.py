@@ -3,6 +3,7 @@ both sides of a pair in one row), truncation and bad records, exact resume with 
 log-probabilities precomputed and in the step, and LoRA, whose reference is the base with the adapters
 off. TRL parity is tests/test_dpo_parity.py."""
 
+import concurrent.futures
 import json
 import os
 import re
@@ -17,8 +18,9 @@ from data.records import BadRecord
 from data.synthetic import SyntheticData
 from model import Transformer
 from model.weights import params as params_lib
+from tests.cli import run_cli
 from tests.tokenizers_for_tests import make_hf_tokenizer
-from train import dpo, loop, run as run_lib, step, validate
+from train import dpo, loop, reference_pass, run as run_lib, start as start_lib, step, validate
 
 VOCAB, SEQ = 400, 128
 MODEL = dict(vocab_size=VOCAB, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=128,
@@ -158,7 +160,7 @@ def test_dpo_resumes_exactly(files, start, tmp_path, monkeypatch, reference):
   last = train(straight, 4)
   train(interrupted, 2)
   if reference == 'precompute':  # the resumed run reads the table: no second reference pass
-    monkeypatch.setattr(dpo, 'reference_logps', lambda *a: pytest.fail('reference pass on resume'))
+    monkeypatch.setattr(reference_pass, 'compute', lambda *a: pytest.fail('reference pass on resume'))
   resumed = train(interrupted, 4)
   a, b = _losses(straight), _losses(interrupted)
   assert sorted(a) == sorted(b) == [1, 2, 3, 4]
@@ -170,7 +172,7 @@ def test_dpo_resumes_exactly(files, start, tmp_path, monkeypatch, reference):
     return
   # Resumed with other pairs and another starting model: refused before the saved table is touched,
   # by the config check, and, told to override it, because the new pairs' reference must be the start.
-  table = tmp_path / 'interrupted' / dpo.REFERENCE_LOGPS
+  table = tmp_path / 'interrupted' / reference_pass.REFERENCE_LOGPS
   before = table.read_text()
   c = _config(files, eval_files='')
   c.train.steps, c.init_from, c.dpo.reference = 6, straight, 'precompute'
@@ -183,18 +185,57 @@ def test_dpo_resumes_exactly(files, start, tmp_path, monkeypatch, reference):
   # A fresh run (no checkpoint yet) that finds a table of another starting model computes it again.
   fresh = tmp_path / 'fresh'
   fresh.mkdir()
-  (fresh / dpo.REFERENCE_LOGPS).write_text(before)
+  (fresh / reference_pass.REFERENCE_LOGPS).write_text(before)
   c = _config(files)
   c.init_from, c.dpo.reference = straight, 'precompute'
-  monkeypatch.setattr(dpo, 'reference_logps', lambda r, begin, data: np.full((len(data.train_pairs) + len(
-      data.eval_pairs), 2), -1.0, np.float32))
-  dpo.prepare_reference(c, str(fresh), PreferenceData(c.data, SEQ), dpo.checkpoint.params_from(straight))
-  assert json.loads((fresh / dpo.REFERENCE_LOGPS).read_text())['init_from'] == straight
+  monkeypatch.setattr(reference_pass, 'compute', lambda r, data, *model: np.full((len(
+      data.train_pairs) + len(data.eval_pairs), 2), -1.0, np.float32))
+  data = PreferenceData(c.data, SEQ)
+  run = run_lib.Run(c, tokenizer_vocab=data.vocab_size)
+  reference_pass.table(run, c, str(fresh), start_lib.resolve(run, c, str(fresh)), data)
+  assert json.loads((fresh / reference_pass.REFERENCE_LOGPS).read_text())['init_from'] == straight
   # Training moved the policy away from its reference: the held-out pairs are told apart.
   with open(os.path.join(straight, 'eval_results.json')) as f:
     evals = json.load(f)
   assert [e['step'] for e in evals] == [2, 4] and evals[-1]['eval_pairs'] == 8
   assert evals[-1]['eval_rewards/accuracies'] > 0.5 and evals[-1]['eval_loss'] < np.log(2)
+
+
+def test_a_run_is_assembled_once(files, start, tmp_path, monkeypatch):
+  """A fresh DPO run builds one Run and reads init_from's parameters once: the reference pass runs on
+  the trainer's Run and starting state."""
+  built, read = [], []
+  build, load = run_lib.Run.__init__, params_lib.load_params
+  monkeypatch.setattr(run_lib.Run, '__init__', lambda self, *a, **k: built.append(1) or build(self, *a, **k))
+  monkeypatch.setattr(params_lib, 'load_params', lambda path, *a: read.append(path) or load(path, *a))
+  c = _config(files)
+  c.train.steps, c.init_from = 1, start
+  metrics = dpo.train(c, str(tmp_path / 'run'))
+  assert len(built) == 1 and read == [start]
+  assert (tmp_path / 'run' / reference_pass.REFERENCE_LOGPS).exists() and 'eval_loss' in metrics
+
+
+def test_a_failing_run_prints_one_error_line(files, start, tmp_path):
+  """train.dpo ends as every command does (runtime.run): a missing init_from, or a bad pair, is one
+  `error:` line naming it, with no traceback."""
+  bad = _write(tmp_path / 'bad.jsonl', [{'prompt': 'q', 'chosen': 'yes', 'rejected': 'no'},
+                                        {'prompt': 'q', 'rejected': 'no'}])
+  common = ['--config=configs/dpo_tiny.py', f'--config.data.tokenizer={files["tok"]}',
+            '--config.data.chat_template=llama3', '--config.data.eval_files=']
+  cases = [
+      ([f'--config.init_from={tmp_path / "missing"}', f'--config.data.train_files={files["train"]}'],
+       f'config.init_from: No checkpoint at {tmp_path / "missing"}'),
+      ([f'--config.init_from={start}', f'--config.data.train_files={bad}'],
+       f"{bad}:2: missing field 'chosen'"),
+  ]
+  dpo_cli = lambda i: run_cli('train.dpo', f'--workdir={tmp_path / f"run{i}"}', *common, *cases[i][0])
+  with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+    results = list(pool.map(dpo_cli, range(len(cases))))
+  for (_, expected), proc in zip(cases, results):
+    out = proc.stdout + proc.stderr
+    errors = [line for line in out.splitlines() if line.startswith('error: ')]
+    assert proc.returncode == 1 and len(errors) == 1, out[-3000:]
+    assert expected in errors[0] and 'Traceback' not in out, out[-3000:]
 
 
 def test_the_two_references_give_the_same_step(files, start):
@@ -205,12 +246,12 @@ def test_the_two_references_give_the_same_step(files, start):
     c.init_from, c.dpo.reference = start, reference
     data = PreferenceData(c.data, SEQ)
     run = run_lib.Run(c, tokenizer_vocab=data.vocab_size)
-    begin = dpo.checkpoint.params_from(start)(run)
+    begin = start_lib.load_init_from(run, start)
+    table = None
     if reference == 'precompute':
-      data.set_reference(dpo.reference_logps(run, begin, data))
-    state = run.init_state(begin.params)
-    batch = run.global_batch(data.step_batch(next(data.ordered_batches('train_pass', 0, 1, 8))))
-    metrics[reference] = jax.device_get(run.train_step()(state, batch)[1])
+      table = reference_pass.compute(run, data, *start_lib.starting_model(run, c, begin))
+    batch = reference_pass.join(next(data.ordered_batches('train_pass', 0, 1, 8)), table)
+    metrics[reference] = jax.device_get(run.train_step()(begin.state, run.global_batch(batch))[1])
   for key in ('loss', 'grad_norm', *step.PAIR_METRICS):
     np.testing.assert_allclose(metrics['precompute'][key], metrics['step'][key], rtol=1e-5, atol=1e-6,
                                err_msg=key)
@@ -224,12 +265,11 @@ def test_lora_reference_is_the_base_with_adapters_off(files, start):
   data = PreferenceData(c.data, SEQ)
   run = run_lib.Run(c, tokenizer_vocab=data.vocab_size)
   assert not run.reference_in_state  # no second copy of the weights
-  begin = dpo.checkpoint.params_from(start)(run)
-  state = run.init_state(begin.params, begin.frozen)
+  state = start_lib.load_init_from(run, start).state
   assert state.reference is None and state.reference_params is state.frozen
   # Adapters that are not zero: the reference must still be the base alone.
   state = state.replace(params=jax.tree.map(lambda x: x + 0.05, state.params))
-  batch = data.step_batch(next(data.ordered_batches('train_pass', 0, 1, 8)))
+  batch = reference_pass.join(next(data.ordered_batches('train_pass', 0, 1, 8)), None)
   base = params_lib.load_params(start, run_lib.Run(_config(files)).abstract_state().params)
   plain = Transformer(run.model_config)
   expected = step.pair_logps(plain, base, batch)[0]
@@ -240,7 +280,9 @@ def test_lora_reference_is_the_base_with_adapters_off(files, start):
   # The precomputed table is the same numbers, from the frozen base.
   c.dpo.reference = 'precompute'
   run = run_lib.Run(c, tokenizer_vocab=data.vocab_size)
-  table = dpo.reference_logps(run, dpo.checkpoint.params_from(start)(run), data)
+  begin = start_lib.load_init_from(run, start)
+  assert not begin.adapters_from_init
+  table = reference_pass.compute(run, data, *start_lib.starting_model(run, c, begin))
   present = np.asarray(step.pair_logps(plain, base, batch)[1])[..., 0] > 0
   np.testing.assert_allclose(table[_pair_indices(data)], np.asarray(expected)[present], rtol=1e-5,
                              atol=1e-4)

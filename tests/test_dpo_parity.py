@@ -26,7 +26,7 @@ from model import convert
 from model.weights import params as params_lib
 from tests.hf_models import random_llama
 from tests.tokenizers_for_tests import make_hf_tokenizer
-from train import dpo, step
+from train import dpo, reference_pass, step
 
 VOCAB = 400
 PAIRS = [
@@ -109,7 +109,7 @@ def _ours(setup, ckpt, config):
   data = PreferenceData(config.data, config.train.seq_len)
   run = dpo.run.Run(config, tokenizer_vocab=data.vocab_size)
   params = params_lib.load_params(ckpt, run.abstract_state().params)
-  return dpo.reference_logps(run, dpo.checkpoint.Start(params), data), data, run, params
+  return reference_pass.compute(run, data, params), data, run, params
 
 
 def test_tokens_and_completion_masks_are_trls(setup, trl_side):
@@ -131,8 +131,7 @@ def test_log_probabilities_and_losses_equal_trls(setup, trl_side):
   np.testing.assert_allclose(policy, trl_side['policy'], rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(reference, trl_side['reference'], rtol=1e-5, atol=1e-4)
 
-  data.set_reference(reference)
-  batch = data.step_batch(next(data.ordered_batches('train_pass', 0, 1, 8)))
+  batch = reference_pass.join(next(data.ordered_batches('train_pass', 0, 1, 8)), reference)
   for loss, options in LOSSES.items():
     objective = step.Preference(run.model, loss, **options)
     sums = jax.jit(objective.sums)(params, batch)
@@ -176,13 +175,12 @@ def test_one_step_moves_the_loss_as_trls(setup, trl_side, tmp_path):
 
   config = _config(setup)
   config.init_from = str(setup['root'] / 'policy_ckpt')
-  # The reference is another model than the starting one here (as TRL's ref_model): its table, then
-  # the DPO run on it.
+  # The reference is another model than the starting one here (as TRL's ref_model): its table, in the
+  # workdir as the run's own, then the DPO run on it.
   reference, data = _ours(setup, setup['root'] / 'reference_ckpt', config)[:2]
-  data.set_reference(reference)
   workdir = str(tmp_path / 'run')
-  metrics = dpo.loop.train(config, workdir, data,
-                           init_params=dpo.checkpoint.params_from(config.init_from))
+  reference_pass.save(workdir, data.fingerprint(), config.init_from, reference)
+  metrics = dpo.train(config, workdir, data)
   np.testing.assert_allclose(metrics['loss'], before, atol=1e-4)
   for ours, theirs in (('rewards/chosen', 'rewards/chosen'), ('rewards/margins', 'rewards/margins'),
                        ('logps/chosen', 'logps/chosen'), ('logps/rejected', 'logps/rejected')):
@@ -191,7 +189,7 @@ def test_one_step_moves_the_loss_as_trls(setup, trl_side, tmp_path):
 
   run = dpo.run.Run(config, tokenizer_vocab=data.vocab_size)
   params = params_lib.load_params(workdir, run.abstract_state().params)
-  step_batch = data.step_batch(next(data.ordered_batches('train_pass', 0, 1, 8)))
+  step_batch = reference_pass.join(next(data.ordered_batches('train_pass', 0, 1, 8)), reference)
   sums = jax.jit(step.Preference(run.model).sums)(params, step_batch)
   ours_after = float(sums['loss'] / sums['weight'])
   assert after < before and ours_after < before

@@ -336,7 +336,7 @@ def test_lora_runs_are_locked_and_checksummed_with_their_base(demo_data, trained
   _failed(second, f'{workdir} is in use by another run: train.sft, pid', 'take_over_lock=True')
   steps = workdir / 'checkpoints'
   assert params_lib.saved_steps(steps) == [2, 4]
-  assert params_lib.load_lora_reference(workdir)['base'] == str(base / 'checkpoints' / '8')
+  assert params_lib.load_base_pointer(workdir)['base'] == str(base / 'checkpoints' / '8')
   assert [checksums.check(steps / s).status for s in ('2', '4')] == ['ok', 'ok']
 
   path, offset, length = _chunk(base / 'checkpoints' / '8', 'params.token_embed')

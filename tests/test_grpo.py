@@ -90,7 +90,8 @@ def length_reward(prompts, completions, **_):
 
 def _params(workdir, step):
   from model.weights import params as params_lib  # pylint: disable=import-outside-toplevel
-  return params_lib.load_params_numpy(f'{workdir}/checkpoints/{step}', None, 'float32')
+  path = f'{workdir}/checkpoints/{step}'
+  return params_lib.load_params_numpy(path, params_lib.load_model_config(path), 'float32')
 
 
 def _metrics(workdir):

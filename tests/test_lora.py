@@ -25,7 +25,7 @@ from model.lora import LoraConfig
 from model.weights import adapters
 from model.weights import params as params_lib
 from tests.cli import run_cli
-from train import checkpoint, loop, optimizer, validate
+from train import loop, optimizer, start as start_lib, validate
 from train import run as run_lib
 from train import state as state_lib
 from train import step as step_lib
@@ -265,8 +265,7 @@ def base_ckpt(tmp_path_factory):
 def _train(workdir, base, steps, **lora):
   c = _run_config(steps, **lora)
   c.init_from = base
-  return loop.train(c, workdir, SyntheticData(0, 32, c.model.vocab_size),
-                    init_params=checkpoint.params_from(base))
+  return loop.train(c, workdir, SyntheticData(0, 32, c.model.vocab_size))
 
 
 def _losses(workdir):
@@ -294,9 +293,9 @@ def test_lora_run_resumes_exactly_and_checkpoints_only_adapters(base_ckpt, lora_
   assert lora.rank == 4 and lora.dropout == 0.1
   for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
-  # The checkpoint holds adapters and their moments, not the base; it refers to the base instead.
-  ref = params_lib.load_lora_reference(straight)
-  assert ref['base'] == str(params_lib.resolve_step_dir(base_ckpt[0]))
+  # The checkpoint holds adapters and their moments, not the base; it points to the base instead.
+  pointer = params_lib.load_base_pointer(straight)
+  assert pointer['base'] == str(params_lib.resolve_step_dir(base_ckpt[0]))
   step_dir = params_lib.resolve_step_dir(straight)
   from orbax import checkpoint as ocp  # pylint: disable=import-outside-toplevel
   saved = ocp.PyTreeCheckpointer().metadata(step_dir / 'state').item_metadata.tree
@@ -361,4 +360,4 @@ def test_bad_lora_settings_name_the_key(base_ckpt, lora_runs, tmp_path):
   full = _run_config(1)
   full.lora.rank = 0
   with pytest.raises(validate.ConfigError, match=r'holds LoRA adapters over .*, not a whole model'):
-    checkpoint.params_from(lora_runs[0])(run_lib.Run(full))
+    start_lib.load_init_from(run_lib.Run(full), lora_runs[0])

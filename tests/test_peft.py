@@ -23,7 +23,7 @@ from model.weights import adapters
 from model.weights import params as params_lib
 from tests.cli import run_cli
 from tests.hf_models import random_llama
-from train import checkpoint, loop
+from train import loop
 
 VOCAB = 160
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 40))
@@ -65,7 +65,7 @@ def trained(base, tmp_path_factory):
   c.lora.update(dict(rank=4, alpha=8.0, targets='q,k,v,o,gate,up,down', rslora=True))
   c.init_from = ckpt
   workdir = str(tmp_path_factory.mktemp('trained'))
-  loop.train(c, workdir, SyntheticData(0, 32, VOCAB), init_params=checkpoint.params_from(ckpt))
+  loop.train(c, workdir, SyntheticData(0, 32, VOCAB))
   return workdir
 
 

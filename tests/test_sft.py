@@ -17,7 +17,7 @@ from data.records import BadRecord
 from data.sft import SFTData
 from model import ModelConfig, Transformer
 from model.weights import params as params_lib
-from train import checkpoint, evaluation, loop, step as step_lib, validate
+from train import evaluation, loop, start as start_lib, step as step_lib, validate
 from train import run as run_lib
 
 SEQ = 128
@@ -283,7 +283,7 @@ def pretrained(demo_data, sft_files, tmp_path_factory):
   from data.pretrain import PretrainData  # pylint: disable=import-outside-toplevel
   pre = _config(demo_data, sft_files)
   pre.data.update(dict(format='jsonl', train_files=demo_data['train'], eval_files=''))
-  pre.train.steps = 2
+  pre.train.steps, pre.init_from = 2, ''  # from random parameters (sft_tiny's init_from is the demo's)
   workdir = str(tmp_path_factory.mktemp('pretrained'))
   loop.train(pre, workdir, PretrainData(pre.data, SEQ))
   return workdir
@@ -294,7 +294,7 @@ def test_sft_from_checkpoint_resumes_exactly(demo_data, sft_files, pretrained, t
     c = _config(demo_data, sft_files)
     c.train.steps = steps
     c.init_from = pretrained
-    return loop.train(c, workdir, SFTData(c.data, SEQ), init_params=checkpoint.params_from(c.init_from))
+    return loop.train(c, workdir, SFTData(c.data, SEQ))
 
   straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
   sft(straight, 6)
@@ -312,7 +312,7 @@ def test_sft_from_checkpoint_resumes_exactly(demo_data, sft_files, pretrained, t
   # Starting parameters are the pretraining run's, not a random init.
   run = run_lib.Run(_config(demo_data, sft_files))
   start = params_lib.load_params(pretrained, run.abstract_state().params)
-  fresh = checkpoint.params_from(pretrained)(run).params
+  fresh = start_lib.load_init_from(run, pretrained).state.params
   for x, y in zip(jax.tree.leaves(start), jax.tree.leaves(fresh)):
     np.testing.assert_array_equal(x, y)
 
@@ -321,7 +321,7 @@ def test_init_from_a_different_model_is_an_error(demo_data, sft_files, pretraine
   other = _config(demo_data, sft_files)
   other.model.mlp_dim = 256
   with pytest.raises(validate.ConfigError, match=r'model.mlp_dim: checkpoint 128, config 256'):
-    checkpoint.params_from(pretrained)(run_lib.Run(other))
+    start_lib.load_init_from(run_lib.Run(other), pretrained)
 
 
 def test_the_model_comes_from_init_from_unless_the_config_sets_its_shape(pretrained):
@@ -336,11 +336,11 @@ def test_the_model_comes_from_init_from_unless_the_config_sets_its_shape(pretrai
   run = run_lib.Run(c)
   assert run.model_config == dataclasses.replace(saved, remat_policy='full', dtype='bfloat16',
                                                  attention='xla', scan_layers=False)
-  params = checkpoint.params_from(pretrained)(run).params
+  params = start_lib.load_init_from(run, pretrained).state.params
   assert params['token_embed'].shape == (saved.vocab_size, saved.embed_dim)
   c.model.n_layers = 3  # set on purpose: checked against the checkpoint, as before
   with pytest.raises(validate.ConfigError, match='model.n_layers: checkpoint 2, config 3'):
-    checkpoint.params_from(pretrained)(run_lib.Run(c))
+    start_lib.load_init_from(run_lib.Run(c), pretrained)
   c.model.preset = 'init_from'
   assert run_lib.Run(c).model_config.n_layers == 2
   c.init_from = ''
@@ -387,7 +387,7 @@ def _stopping_config(demo_data, sft_files, pretrained, steps, **generation):
 
 
 def _sft_run(config, workdir):
-  return loop.train(config, workdir, SFTData(config.data, SEQ), init_params=checkpoint.params_from(config.init_from))
+  return loop.train(config, workdir, SFTData(config.data, SEQ))
 
 
 def _read(workdir, name):

@@ -3,6 +3,7 @@
   python -m train.benchmark --config=configs/tiny.py [--steps 20] [--config.train.batch_size=32 ...]
   python -m train.benchmark --config=configs/small.py --steps 0 --config.model.n_layers=32  # compile
   python -m train.benchmark --config=configs/tiny.py --loglikelihood  # and lm-eval's scoring path
+  python -m train.checkpoint benchmark [--gib 1]   # checkpoint checksums: `checksums` below
 
 The step is `Run(config).train_step()`, exactly what `train.pretrain` runs (for a preference config,
 what `train.dpo` runs, on synthetic pairs), fed with device-resident synthetic batches (numpy only, no
@@ -12,19 +13,28 @@ which has no published peak, against this machine's own measured matmul rate in 
 """
 
 import functools
+import hashlib
 import json
+import os
 import resource
 import statistics
+import tempfile
 import time
+import zlib
 
+import google_crc32c
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from etils import epath
 
 from data.synthetic import synthetic_global_batch, synthetic_preference_batch
+from model import ModelConfig, count_params
 from model import attention as attention_lib
+from model.config import PRESETS
 from model.inference import scoring
+from model.weights import checksums as checksums_lib
 import runtime
 from train import batches as batches_lib
 from train import chips
@@ -182,6 +192,65 @@ def format_result(r: dict[str, float], name: str = '') -> str:
                    'host_peak_rss_gib') if k in r]
   lines.append('  memory/device    ' + ', '.join(mem))
   return '\n'.join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint checksums (`python -m train.checkpoint benchmark`)
+
+def _rate(fn, data: bytes, repeat: int = 2) -> float:
+  """Seconds per GiB of `fn` over `data`, in 8 MiB pieces as a checkpoint is read."""
+  pieces = [data[i:i + (8 << 20)] for i in range(0, len(data), 8 << 20)]
+  start = time.perf_counter()
+  for _ in range(repeat):
+    for piece in pieces:
+      fn(piece)
+  return (time.perf_counter() - start) / repeat / (len(data) / 2**30)
+
+
+def checksums(gib: float, folder: str) -> list[str]:
+  """Lines of figures: checksum candidates in memory, then the manifest written and checked on a
+  file of `gib` GiB (read from the page cache), and what that means for a 7B training checkpoint."""
+  sample = np.random.default_rng(0).integers(0, 256, 256 << 20, np.uint8).tobytes()
+  candidates = {'crc32c (google-crc32c, used)': google_crc32c.value,
+                'zlib.crc32': zlib.crc32,
+                **{f'hashlib.{name}': (lambda name: lambda b: hashlib.new(name, b).digest())(name)
+                   for name in ('md5', 'sha1', 'sha256', 'blake2b')}}
+  try:
+    import crc32c  # pylint: disable=import-outside-toplevel
+    candidates['crc32c (the crc32c package)'] = crc32c.crc32c
+  except ImportError:
+    pass
+  try:
+    import xxhash  # pylint: disable=import-outside-toplevel
+    candidates['xxh3_64 (xxhash)'] = xxhash.xxh3_64_digest
+  except ImportError:
+    pass
+  lines = [f'{os.cpu_count()} CPU cores; in memory, one thread, 8 MiB pieces:']
+  lines += [f'  {name:30s} {_rate(fn, sample):.3f} s/GiB' for name, fn in candidates.items()]
+  with tempfile.TemporaryDirectory(dir=folder) as tmp:
+    step = epath.Path(tmp) / '0'
+    (step / 'state').mkdir(parents=True)
+    with open(step / 'state' / 'data', 'wb') as f:
+      for _ in range(max(1, round(gib * 4))):
+        f.write(sample)
+    size = (step / 'state' / 'data').stat().length / 2**30
+    start = time.perf_counter()
+    checksums_lib.write_manifest(step)
+    write_s = (time.perf_counter() - start) / size
+    start = time.perf_counter()
+    if checksums_lib.check(step).status != 'ok':
+      raise RuntimeError(f'{step} failed its own checksums while being timed')
+    check_s = (time.perf_counter() - start) / size
+  lines.append(f'A {size:.2f} GiB file from the page cache, {checksums_lib.WORKERS} threads: manifest '
+               f'written at {write_s:.3f} s/GiB, checked at {check_s:.3f} s/GiB')
+  params = count_params(ModelConfig(**PRESETS['llama2_7b']))
+  state_gib = params * 12 / 2**30  # float32 parameters and both Adam moments
+  lines.append(f'llama2_7b ({params / 1e9:.2f}B parameters): a training checkpoint (float32 parameters '
+               f'+ Adam moments, {state_gib:.0f} GiB) takes {state_gib * write_s:.0f} s to checksum on '
+               f'this machine (in the background), plus reading it from storage; its bfloat16 '
+               f'parameters alone ({params * 2 / 2**30:.1f} GiB) {params * 2 / 2**30 * check_s:.0f} s')
+  return lines
+
 
 
 def main(argv):

@@ -29,14 +29,14 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import flags, logging
+from absl import flags
 from jax.experimental import multihost_utils
 
 import runtime
 from model import sharding
 from model.inference.sampler import Sampler, SamplingConfig
 from train import batches as batches_lib
-from train import checkpoint, hooks, loop, run, validate
+from train import hooks, loop, run, validate
 from train import rewards as rewards_lib
 from train.policy_gradient import group_advantages
 
@@ -165,8 +165,8 @@ class RolloutMetrics(hooks.Hook):
 class GrpoTrainer(loop.Trainer):
   """The shared Trainer, whose batches are rollouts of the current parameters."""
 
-  def __init__(self, config: Any, workdir: str, data: Prompts, init_params=None):
-    super().__init__(config, workdir, data, init_params)
+  def __init__(self, config: Any, workdir: str, run_: run.Run, data: Prompts, start, reference_logps=None):
+    super().__init__(config, workdir, run_, data, start, reference_logps)
     grpo, tcfg = config.grpo, config.train
     self.grpo, self.prompts = grpo, data
     self.rewards = rewards_lib.Rewards(grpo.rewards, grpo.reward_weights, grpo.reward_column)
@@ -272,7 +272,6 @@ def train(config, workdir: str, data=None) -> dict[str, float]:
                                'model)')
   rewards = rewards_lib.Rewards(config.grpo.rewards, config.grpo.reward_weights,
                                 config.grpo.reward_column)
-  init = checkpoint.params_from(config.init_from)
 
   def make_data():  # by loop.train once the workdir is locked and its config checked
     prompts = data
@@ -281,7 +280,7 @@ def train(config, workdir: str, data=None) -> dict[str, float]:
       prompts = PromptData(config.data, config.grpo.max_prompt_len)
     return Prompts(prompts, rewards, config.data.format == 'chat')
 
-  return loop.train(config, workdir, make_data, init_params=init, trainer=GrpoTrainer)
+  return loop.train(config, workdir, make_data, trainer=GrpoTrainer)
 
 
 def main(argv):

@@ -1,16 +1,26 @@
-"""The training loop shared by `train.pretrain`, `train.sft` and `train.dpo`.
+"""The training loop shared by `train.pretrain`, `train.sft` and `train.dpo`, and where a run is assembled.
 
-workdir lock -> config -> Run (mesh, model, optimizer) -> state (fresh, from `init_params`, or resumed
-from the workdir's newest intact checkpoint) -> the loop: next batch -> jitted step -> the hooks due at
-this step -> stop? Everything that can fail on bad input (config, data, tokenizer, checkpoint,
-init_from) is tried before anything is written to the workdir; a finished run is left as it is. The
-data source is the only thing that differs between the entry points. Process setup (logs,
-jax.distributed, host memory) and ending (runtime/__init__.py) are the entry point's.
+`train()` builds every run in this order, each piece once:
+  1. the workdir lock (workdir.RunLock); a finished run is left as it is; the workdir's config checked
+  2. the data (the entry point's DataSource: the only thing that differs between them)
+  3. the Run (train/run.py): model, mesh, objective, optimizer, shardings
+  4. the Start (train/start.py `resolve`): the workdir's newest intact step, with its data position
+     and the frozen models its checkpoint points to; or config.init_from's parameters; or a random
+     init. The only place a run reads checkpoints.
+  5. preference tuning with a precomputed reference: the reference pass (train/reference_pass.py),
+     on the starting model, or its table read back from the workdir
+  6. the Trainer: input iterators at the Start's data position (the reference table joined to the
+     batches), the first batch read, then the checkpointer and metric writers, the jitted steps
+  7. `Trainer.fit()`: the jitted step over the host's batches, periodic eval, logs and checkpoints.
+Everything that can fail on bad input (config, data, tokenizer, checkpoint, init_from, the first batch)
+is tried before this run's files are written to the workdir (the reference table of step 5 excepted:
+it is a result, reused by the next run). Process setup (logs, jax.distributed, host memory) and ending
+(runtime/__init__.py) are the entry point's.
 
-The hooks (train/hooks.py) each own their cadence: the non-finite guard, logging and throughput,
-evaluation with early stopping, preemption, checkpoints; `Trainer.add_hook` adds one, and an entry
-point whose batches are not the data source's (rollouts of the current policy) overrides
-`Trainer.next_batch`.
+After each step the hooks (train/hooks.py) run, each owning its cadence: the non-finite guard, logging
+and throughput, evaluation with early stopping, preemption, checkpoints; `Trainer.add_hook` adds one,
+and an entry point whose batches are not the data source's (train.grpo: rollouts of the current
+parameters) passes its own Trainer class, which overrides `Trainer.next_batch`.
 """
 
 import contextlib
@@ -25,8 +35,6 @@ from jax.experimental import multihost_utils
 
 from data.batch import empty_like
 from data.records import BadRecord
-from model.weights import adapters as adapters_lib
-from model.weights import checksums
 from model.weights import params as params_lib
 import runtime
 from train import batches as batches_lib
@@ -34,7 +42,8 @@ from train import checkpoint as checkpoint_lib
 from train import evaluation as evaluation_lib
 from train import hooks as hooks_lib
 from train import metrics as metrics_lib
-from train import validate
+from train import reference_pass
+from train import start as start_lib
 from train import workdir as workdir_lib
 from train.chips import peak_tflops
 # Raised by the non-finite guard; callers know it as loop.TrainingDiverged.
@@ -76,64 +85,50 @@ def _equalize_eval_batches(batches):
 
 
 class Trainer:
-  """One training run: input iterators, state (resumed or fresh), checkpointer and metric writer,
-  built from the config in that order, so that whatever bad input can fail does before the workdir
-  is written to; then `fit()` steps until `config.train.steps` or a stop signal."""
+  """One training run, from its Run and Start (see the module docstring): input iterators at the
+  Start's data position, the first batch, checkpointer and metric writer, in that order, so that bad
+  input fails before the workdir is written to; then `fit()` steps until `config.train.steps` or a
+  stop signal. `reference_logps`: preference tuning's precomputed reference table, joined to the
+  batches by pair (train/reference_pass.py)."""
 
-  def __init__(self, config: Any, workdir: str, data: DataSource,
-               init_params: Callable[[Run], Any] | None = None):
-    self.config, self.workdir, self.data = config, workdir, data
-    self.run = run = Run(config, tokenizer_vocab=data.vocab_size)
+  def __init__(self, config: Any, workdir: str, run: Run, data: DataSource, start: start_lib.Start,
+               reference_logps: np.ndarray | None = None):
+    self.config, self.workdir, self.data, self.run = config, workdir, data, run
     self.primary = jax.process_index() == 0
-    checkpoints = os.path.join(workdir, 'checkpoints')
-    self.resumed_from = (params_lib.saved_steps(checkpoints) or [None])[-1]
+    self.state = start.state
+    self.resumed_from = start.step if start.kind == start_lib.RESUME else None
 
     tcfg = config.train
     shard_index, shard_count, local_batch = batches_lib.data_shard(run.batch_sharding, tcfg.batch_size)
     self.train_iter = data.train_iterator(shard_index, shard_count, local_batch)
-    self.eval_batches = _equalize_eval_batches(
-        data.eval_batches(shard_index, shard_count, local_batch, tcfg.eval_max_batches))
+    eval_batches = data.eval_batches(shard_index, shard_count, local_batch, tcfg.eval_max_batches)
+    if run.preference:  # the pairs' index out, their reference log-probabilities (if any) in
+      self.train_iter = reference_pass.Joined(self.train_iter, reference_logps)
+      eval_batches = [reference_pass.join(b, reference_logps) for b in eval_batches]
+    self.eval_batches = _equalize_eval_batches(eval_batches)
     # Task metrics of generated answers, and early stopping on any evaluated value (train/evaluation.py).
     self.generation = (evaluation_lib.GenerationEval(config, run, data, workdir, self.primary)
                        if evaluation_lib.generation_metrics(config) else None)
     evaluated = (['eval_loss', 'eval_perplexity'] if self.eval_batches else []) + (
         [f'eval_{m}' for m in self.generation.metrics] if self.generation else [])
     self.early_stopping = evaluation_lib.EarlyStopping(config, evaluated)
+    if start.data_state is not None:
+      self.train_iter.set_state(start.data_state)
+    elif self.resumed_from is not None:
+      logging.warning('Checkpoint %d has no input-pipeline position; data restarts from the '
+                      'beginning', self.resumed_from)
+    # Read the first batch before anything is written: bad input fails fast.
+    self.first_batch = self._next_batch()
 
-    checkpointer = lambda: checkpoint_lib.Checkpointer(checkpoints, config.checkpoint.keep,
-                                                       config.checkpoint.async_save, run.model_config)
+    # Only now, with the config, data, tokenizer and starting point known to be good, the workdir
+    # gets this run's files.
+    self.ckpt = checkpoint_lib.Checkpointer(checkpoint_lib.folder(workdir), config.checkpoint.keep,
+                                            config.checkpoint.async_save, run.model_config)
+    self.ckpt.base, self.ckpt.reference = start.base, start.reference  # saved with every step
     if self.resumed_from is not None:
-      self.ckpt = checkpointer()
-      self.resumed_from, self.state, data_state = self._restore(self.resumed_from)
       self.early_stopping.replay(workdir, self.resumed_from, self.ckpt.directory)
       if self.early_stopping.best_step is not None:
         self.ckpt.pin(self.early_stopping.best_step)
-      if run.lora.enabled:
-        self._reattach_base()
-      if run.reference_in_state:
-        self._reattach_reference()
-      if data_state is None:
-        logging.warning('Checkpoint %d has no input-pipeline position; data restarts from the '
-                        'beginning', self.resumed_from)
-      else:
-        self.train_iter.set_state(data_state)
-      logging.info('Resumed from %s at step %d', self.ckpt.directory, self.resumed_from)
-    # Read the first batch before initialising or compiling anything: bad input fails fast.
-    self.first_batch = self._next_batch()
-    if self.resumed_from is None:
-      start = init_params(run) if init_params else checkpoint_lib.Start()
-      if run.lora.enabled and start.frozen is None:
-        raise validate.ConfigError(f'lora.rank={run.lora.rank} trains adapters over a frozen base '
-                                   'model: set config.init_from to it (a checkpoint or an imported '
-                                   'Hugging Face model)')
-      if run.reference_in_state and start.reference is None:
-        raise validate.ConfigError('preference tuning with the reference model in the step starts from '
-                                   'the model to align: set config.init_from to it')
-      self.state = run.init_state(start.params, start.frozen)
-      self.ckpt = checkpointer()
-      self.ckpt.lora_reference, self.ckpt.reference = start.base, start.reference
-    # Only now, with the config, data, tokenizer and starting point known to be good, the workdir
-    # gets this run's files.
     if self.primary:
       workdir_lib.write_config(workdir, config)
     self.writer = metrics_lib.MetricWriter(
@@ -154,28 +149,6 @@ class Trainer:
     self.last: dict[str, float] = {}
     self.hooks = self._default_hooks()
 
-  def _restore(self, step: int):
-    """(step, state, data position) of checkpoint `step`; if it is damaged and
-    checkpoint.fall_back_to_intact is set, of the newest earlier step that is intact (the damaged
-    ones are set aside as `<step>.damaged`)."""
-    while True:
-      try:
-        return (step, *self.ckpt.restore(step, self.run.abstract_state()))
-      except checksums.DamagedCheckpoint as e:
-        if e.fallback is None:
-          raise checksums.DamagedCheckpoint(e.step_dir, e.problems, None, advice=(
-              f'Start again in a new --workdir, or delete {self.ckpt.directory} to train from '
-              'scratch here.')) from None
-        if not self.config.checkpoint.fall_back_to_intact:
-          raise checksums.DamagedCheckpoint(e.step_dir, e.problems, e.fallback, advice=(
-              'To resume from it, run again with --config.checkpoint.fall_back_to_intact=True (the '
-              f'damaged step is kept as {step}.damaged and the steps after {e.fallback.name} are '
-              'trained again).')) from None
-        kept_as = self.ckpt.set_aside(step)
-        logging.warning('%s Kept as %s; resuming from step %s (checkpoint.fall_back_to_intact).', e,
-                        kept_as, e.fallback.name)
-        step = int(e.fallback.name)
-
   def _next_batch(self):
     try:
       return next(self.train_iter)
@@ -184,24 +157,6 @@ class Trainer:
         raise
       raise BadRecord(f'{e}. Fix or remove that record, or skip (and count) bad records with '
                       '--config.data.skip_bad_records=True') from None
-
-  def _reattach_base(self):
-    """A resumed LoRA run's frozen base, from the checkpoint its adapters refer to (and checked)."""
-    run, step = self.run, self.resumed_from
-    ref = self.ckpt.lora_reference_of(step)
-    if ref is None:
-      raise validate.ConfigError(f'{self.ckpt.directory}/{step} holds no LoRA adapters, but '
-                                 f'config.lora.rank={run.lora.rank}')
-    base = adapters_lib.load_checked_base(ref, run.model_config, run.lora, run.mesh,
-                                          f'{self.ckpt.directory}/{step}')
-    self.state = self.state.replace(frozen=base)
-    self.ckpt.lora_reference = ref
-
-  def _reattach_reference(self):
-    """A resumed preference run's reference model: its starting parameters, reloaded (and checked)."""
-    self.ckpt.reference = self.ckpt.reference_of(self.resumed_from)
-    self.state = self.state.replace(reference=checkpoint_lib.load_reference(
-        self.ckpt.reference, self.run, f'{self.ckpt.directory}/{self.resumed_from}'))
 
   # -- the hooks ----------------------------------------------------------------------------------
 
@@ -323,14 +278,15 @@ class Trainer:
 
 
 def train(config: Any, workdir: str, data: DataSource | Callable[[], DataSource],
-          init_params: Callable[[Run], Any] | None = None, trainer: type = Trainer) -> dict[str, float]:
-  """Trains to `config.train.steps`, resuming from `workdir` if it holds checkpoints; one run per
-  workdir (workdir.RunLock); a run that has finished already is left as it is.
+          trainer: type | None = None) -> dict[str, float]:
+  """Trains to `config.train.steps`, resuming from `workdir` if it holds checkpoints, else starting
+  from config.init_from if set (fine-tuning: a fresh optimizer around its parameters); one run per
+  workdir (workdir.RunLock); a run that has finished already is left as it is. Assembles the run in the
+  order of the module docstring.
 
-  `data`: a DataSource, or a function that builds one (called once the workdir is locked).
-  `init_params(run)` supplies starting parameters for a fresh run (fine-tuning); a fresh optimizer
-  state is built around them. `trainer`: the Trainer class (train.grpo's makes its batches by
-  sampling). Returns the last logged metrics (a finished run's final metrics).
+  `data`: a DataSource, or a function that builds one (called once the workdir is locked). `trainer`:
+  the Trainer class (default: Trainer; train.grpo's samples its batches). Returns the last logged
+  metrics (a finished run's final metrics).
   """
   with workdir_lib.RunLock(workdir, take_over=config.train.take_over_lock):
     final = workdir_lib.finished_run(workdir, config.train.steps)
@@ -340,7 +296,10 @@ def train(config: Any, workdir: str, data: DataSource | Callable[[], DataSource]
                       'are kept. Raise --config.train.steps to train on, or use a new --workdir.',
                       workdir, final['step'], config.train.steps)
       return final
-    # Before the data is built (train.dpo's reference pass writes to the workdir while building it).
-    workdir_lib.check_config(config, workdir,
-                             bool(params_lib.saved_steps(os.path.join(workdir, 'checkpoints'))))
-    return trainer(config, workdir, data() if callable(data) else data, init_params).fit()
+    workdir_lib.check_config(config, workdir, start_lib.latest_step(workdir) is not None)
+    data = data() if callable(data) else data
+    run = Run(config, tokenizer_vocab=data.vocab_size)
+    start = start_lib.resolve(run, config, workdir)
+    reference_logps = (reference_pass.table(run, config, workdir, start, data)
+                       if run.precomputed_reference else None)
+    return (trainer or Trainer)(config, workdir, run, data, start, reference_logps).fit()

@@ -10,7 +10,7 @@ from absl import flags
 
 from data.synthetic import SyntheticData
 import runtime
-from train import checkpoint, loop, run
+from train import loop, run
 
 FLAGS = flags.FLAGS  # --config and --workdir: run.define_flags(), when run as a program
 
@@ -26,8 +26,7 @@ def main(argv):
   runtime.no_positional_arguments(argv)
   config = FLAGS.config
   runtime.setup(config.distributed)
-  init = checkpoint.params_from(config.init_from) if config.init_from else None
-  loop.train(config, FLAGS.workdir, lambda: make_data(config), init_params=init)
+  loop.train(config, FLAGS.workdir, lambda: make_data(config))
 
 
 if __name__ == '__main__':

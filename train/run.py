@@ -16,9 +16,9 @@ from data.batch import batch_keys
 from model import Transformer
 from model import sharding
 from train import batches
-from train import checkpoint
 from train import optimizer as optimizer_lib
 from train import policy_gradient as policy_gradient_lib
+from train import start as start_lib
 from train import state as state_lib
 from train import step as step_lib
 from train import validate
@@ -32,9 +32,9 @@ class Run:
     devices = list(devices if devices is not None else jax.devices())
     self.config = config
     self.lora = validate.lora_config(config)
-    # config.model, or init_from's model; with LoRA, the frozen base is held in lora.base_dtype
-    # (model/lora.py).
-    self.model_config = self.lora.base_config(checkpoint.model_config(config))
+    # config.model, or init_from's model (train/start.py); with LoRA, the frozen base is held in
+    # lora.base_dtype (model/lora.py).
+    self.model_config = self.lora.base_config(start_lib.model_config(config))
     validate.check(config, self.model_config, len(devices), tokenizer_vocab, self.lora)
     self.mesh: Mesh = sharding.make_mesh(config.mesh, devices)
     self.model = Transformer(self.model_config, lora=self.lora)
@@ -77,12 +77,16 @@ class Run:
     return isinstance(self.objective, policy_gradient_lib.PolicyGradient)
 
   @property
+  def reference_in_step(self) -> bool:
+    """Whether the step runs a reference model (preference tuning with dpo.reference='step', or policy
+    gradient's KL term): the frozen starting parameters, with LoRA the base alone."""
+    return (self.preference or self.policy_gradient) and self.objective.reference_model is not None
+
+  @property
   def reference_in_state(self) -> bool:
-    """Whether the state holds a copy of the starting parameters: the reference model of preference
-    tuning or policy gradient in the step, without LoRA (with it, the reference is the base, in the
-    state already)."""
-    return ((self.preference or self.policy_gradient) and self.objective.reference_model is not None
-            and not self.lora.enabled)
+    """Whether the state holds a copy of the starting parameters: the reference model in the step,
+    without LoRA (with it, the reference is the base, in the state already)."""
+    return self.reference_in_step and not self.lora.enabled
 
   @property
   def precomputed_reference(self) -> bool:
@@ -120,7 +124,7 @@ class Run:
                                   self.mesh)
 
   def reference_step(self, with_adapters: bool = False):
-    """The jitted reference pass of train/dpo.py on the starting parameters: the whole model's, with
+    """The jitted reference pass of train/reference_pass.py on the starting parameters: the whole model's, with
     LoRA the base alone (or, `with_adapters`, the base joined with adapters a run starts from)."""
     model, shardings = self.model, self.state_shardings.model_params
     if self.lora.enabled and not with_adapters:

@@ -10,7 +10,7 @@ restarted job resumes where it stopped.
 from absl import flags, logging
 
 import runtime
-from train import checkpoint, loop, run
+from train import loop, run
 
 FLAGS = flags.FLAGS  # --config and --workdir: run.define_flags(), when run as a program
 
@@ -21,10 +21,8 @@ def main(argv):
   runtime.setup(config.distributed)
   if not config.init_from:
     logging.warning('config.init_from is empty: instruction tuning starts from random parameters')
-  init = checkpoint.params_from(config.init_from) if config.init_from else None
   from data.sft import SFTData  # pylint: disable=import-outside-toplevel  (TensorFlow)
-  loop.train(config, FLAGS.workdir, lambda: SFTData(config.data, config.train.seq_len),
-             init_params=init)
+  loop.train(config, FLAGS.workdir, lambda: SFTData(config.data, config.train.seq_len))
 
 
 if __name__ == '__main__':

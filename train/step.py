@@ -343,7 +343,7 @@ def make_eval_step(objective) -> Callable:
 def make_reference_step(model: Transformer, loss_chunk_len: int = 0) -> Callable:
   """`reference_step(params, batch) -> (logps [B, P, 2], example_ids [B, P])`: the log-probabilities
   of `model` (the reference) for each pair of the batch, and the pair's `example_ids`; what
-  train/dpo.py computes once before training."""
+  train/reference_pass.py computes once before training."""
   def reference_step(params, batch):
     logps, counts = pair_logps(model, params, batch, loss_chunk_len)
     slots = counts.shape[1] + 1

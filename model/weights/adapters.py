@@ -35,8 +35,9 @@ def fingerprint(params) -> dict[str, int]:
   return out
 
 
-def reference(base_path, fingerprint_: dict[str, int], lora: LoraConfig) -> dict:
-  """The `lora` item saved with adapters: their config, the base's step folder, its fingerprint."""
+def base_pointer(base_path, fingerprint_: dict[str, int], lora: LoraConfig) -> dict:
+  """The `lora` item saved with adapters, pointing to their base: their config, the base's step
+  folder, its fingerprint."""
   return {'config': lora.to_dict(), 'base': str(params_lib.resolve_step_dir(base_path)),
           'fingerprint': fingerprint_}
 
@@ -46,20 +47,20 @@ def differing(fingerprint_: dict[str, int], expected: dict[str, int]) -> list[st
   return sorted(k for k in set(fingerprint_) | set(expected) if fingerprint_.get(k) != expected.get(k))
 
 
-def check_base(ref: dict, fingerprint_: dict[str, int], where: str):
+def check_base(pointer: dict, fingerprint_: dict[str, int], where: str):
   """Raises unless the base just loaded is the one the adapters at `where` were trained on."""
-  differ = differing(fingerprint_, ref['fingerprint'])
+  differ = differing(fingerprint_, pointer['fingerprint'])
   if differ:
-    raise ValueError(f'{where}: its LoRA adapters were trained on the base model at {ref["base"]}, '
+    raise ValueError(f'{where}: its LoRA adapters were trained on the base model at {pointer["base"]}, '
                      f'but that checkpoint now holds different weights ({len(differ)} parameter(s) '
                      f'differ, e.g. {differ[:3]}); the adapters would compute something else on it. '
                      'Restore that base, or train new adapters.')
 
 
 def _refuse_adapters(path):
-  ref = params_lib.load_lora_reference(path)
-  if ref is not None:
-    raise ValueError(f'{path} holds LoRA adapters (over {ref["base"]}), not the weights of a base model')
+  pointer = params_lib.load_base_pointer(path)
+  if pointer is not None:
+    raise ValueError(f'{path} holds LoRA adapters (over {pointer["base"]}), not the weights of a base model')
 
 
 def load_base(path, cfg: ModelConfig, lora: LoraConfig, mesh=None) -> tuple[dict, dict[str, int]]:
@@ -104,9 +105,9 @@ def load_base(path, cfg: ModelConfig, lora: LoraConfig, mesh=None) -> tuple[dict
   return traverse_util.unflatten_dict(out), prints
 
 
-def load_checked_base(ref: dict, cfg: ModelConfig, lora: LoraConfig, mesh, where: str) -> dict:
-  base, prints = load_base(ref['base'], cfg, lora, mesh)
-  check_base(ref, prints, where)
+def load_checked_base(pointer: dict, cfg: ModelConfig, lora: LoraConfig, mesh, where: str) -> dict:
+  base, prints = load_base(pointer['base'], cfg, lora, mesh)
+  check_base(pointer, prints, where)
   return base
 
 
@@ -117,13 +118,13 @@ def load_model(path, mesh=None, param_dtype: str | None = None) -> tuple[ModelCo
   cfg = params_lib.load_model_config(path)
   if param_dtype:
     cfg = dataclasses.replace(cfg, param_dtype=param_dtype)
-  ref = params_lib.load_lora_reference(path)
-  if ref is None:
+  pointer = params_lib.load_base_pointer(path)
+  if pointer is None:
     return cfg, LoraConfig(), params_lib.load_params(path, params_lib.abstract_params_on(cfg, mesh))
-  lora = LoraConfig.from_dict(ref['config'])
+  lora = LoraConfig.from_dict(pointer['config'])
   if param_dtype and lora.base_dtype not in lora_lib.QUANTIZED:
     lora = dataclasses.replace(lora, base_dtype=param_dtype)
-  base = load_checked_base(ref, cfg, lora, mesh, str(path))
+  base = load_checked_base(pointer, cfg, lora, mesh, str(path))
   adapters, _ = lora_lib.split(params_lib.abstract_params_on(cfg, mesh, lora))
   return cfg, lora, lora_lib.join(base, params_lib.load_params(path, adapters))
 
@@ -138,13 +139,13 @@ def load_merged_numpy(path, dtype: str) -> tuple[ModelConfig, dict]:
   """A checkpoint's parameters as host arrays of `dtype`, LoRA adapters merged into the base weights
   (the base they were trained on, unquantized: the checkpoint it was read from)."""
   cfg = params_lib.load_model_config(path)
-  ref = params_lib.load_lora_reference(path)
-  if ref is None:
+  pointer = params_lib.load_base_pointer(path)
+  if pointer is None:
     return cfg, params_lib.load_params_numpy(path, cfg, dtype)
-  lora = dataclasses.replace(LoraConfig.from_dict(ref['config']), base_dtype='')
+  lora = dataclasses.replace(LoraConfig.from_dict(pointer['config']), base_dtype='')
   # Read as stored (its fingerprint is of those values), merged in float32, returned in `dtype`.
-  base = load_plain_numpy(ref['base'], params_lib.load_model_config(ref['base']))
-  check_base(ref, fingerprint(base), str(path))
+  base = load_plain_numpy(pointer['base'], params_lib.load_model_config(pointer['base']))
+  check_base(pointer, fingerprint(base), str(path))
   merged = lora_lib.merge(lora_lib.join(base, load_adapters_numpy(path, cfg, lora)), lora)
   return cfg, jax.tree.map(lambda x: x.astype(DTYPES[dtype]), merged)
 

@@ -4,7 +4,7 @@ A step folder `<checkpoints>/<step>/` holds `state/` (an orbax PyTree whose `par
 model's parameters; training adds the step counter and optimizer state beside it, see
 train/checkpoint.py) and `model_config/` (the ModelConfig as JSON), so that the folder alone rebuilds
 the model, and `checksums.json` (model/weights/checksums.py). A LoRA step folder's `params` are only the
-adapters; its `lora/` item (JSON) holds their LoraConfig and a reference to the frozen base's own step
+adapters; its `lora/` item (JSON) holds their LoraConfig and a pointer to the frozen base's own step
 folder, with the base's fingerprint (model/weights/adapters.py). This module resolves such folders (from a
 workdir, `WORKDIR:best`, its checkpoints/ folder, or the step folder itself), reads a step's model
 config, loads its parameters with a shape check first and their checksums checked alongside, and
@@ -155,8 +155,9 @@ def load_model_config(path) -> ModelConfig:
   return ModelConfig.from_dict(json.loads(meta.read_text()))
 
 
-def load_lora_reference(path) -> dict | None:
-  """The `lora` item of a step folder ({'config', 'base', 'fingerprint'}), or None for plain weights."""
+def load_base_pointer(path) -> dict | None:
+  """The `lora` item of a step folder of LoRA adapters, pointing to their frozen base ({'config',
+  'base', 'fingerprint'}: model/weights/adapters.py), or None for plain weights."""
   step_dir = resolve_step_dir(path)
   quick_check(step_dir)
   meta = step_dir / LORA / 'metadata'
