@@ -11,6 +11,9 @@ import pytest
 from model import ModelConfig, Transformer
 from model import attention as attention_lib
 from model import sharding
+from tests.builders import MICRO
+
+pytestmark = pytest.mark.unit
 
 B, T, N, K, H = 2, 256, 4, 2, 32
 
@@ -107,8 +110,7 @@ def test_auto_picks_per_platform():
 
 
 def test_model_outputs_agree_across_implementations():
-  cfg = dict(vocab_size=256, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-             mlp_dim=128, dtype='float32', max_seq_len=128)
+  cfg = dict(MICRO, vocab_size=256, dtype='float32', max_seq_len=128)
   tokens = jax.random.randint(jax.random.key(0), (2, 128), 0, 256)
   segments = jnp.asarray(np.repeat([[1, 2]], 64, axis=1).repeat(2, axis=0))
   positions = jnp.asarray(np.tile(np.arange(64), 2)[None].repeat(2, axis=0))

@@ -6,15 +6,15 @@ import re
 
 import pytest
 
-from configs import default, tiny
+from configs import tiny
 from data.pretrain import PretrainData
 from data.records import BadRecord
 from data.synthetic import SyntheticData
+from tests.builders import run_config
 from train import loop, start as start_lib, validate
 from train import run as run_lib
 
-SMALL_MODEL = dict(vocab_size=512, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                   mlp_dim=128)
+pytestmark = pytest.mark.unit
 
 
 def _data_config(demo_data, files, **overrides):
@@ -78,13 +78,10 @@ def test_record_over_the_size_limit(demo_data, tmp_path):
 
 
 def _synthetic_config(**train):
-  c = default.get_config()
-  c.model.update(SMALL_MODEL)
-  c.data.format = 'synthetic'
-  c.train.update({**dict(steps=2, batch_size=8, seq_len=32, log_every=1, eval_at_start=False), **train})
-  return c
+  return run_config(data=dict(format='synthetic'), train={**dict(steps=2, seq_len=32), **train})
 
 
+@pytest.mark.e2e
 def test_workdir_of_a_different_run_is_refused_unless_overridden(tmp_path):
   workdir = str(tmp_path / 'run')
   loop.train(_synthetic_config(), workdir, SyntheticData(0, 32, 512))
@@ -98,6 +95,7 @@ def test_workdir_of_a_different_run_is_refused_unless_overridden(tmp_path):
   assert loop.train(changed, workdir, SyntheticData(0, 32, 512))['loss'] > 0
 
 
+@pytest.mark.e2e
 def test_init_from_a_checkpoint_of_another_shape_names_the_parameter(tmp_path):
   workdir = str(tmp_path / 'pre')
   loop.train(_synthetic_config(), workdir, SyntheticData(0, 32, 512))

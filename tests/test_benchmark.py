@@ -4,19 +4,17 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from configs import tiny
 from data import benchmark as data_benchmark
-from model import ModelConfig, Transformer
+from model import Transformer
+from tests.builders import micro_model_config, run_config
 from train import benchmark
+
+pytestmark = pytest.mark.unit
 
 
 def _micro_config():
-  c = tiny.get_config()
-  c.model.update(dict(vocab_size=256, embed_dim=64, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=32,
-                      mlp_dim=128))
-  c.train.update(dict(batch_size=8, seq_len=64))
-  c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
-  return c
+  return run_config('tiny', model=dict(vocab_size=256), train=dict(seq_len=64),
+                    mesh=dict(data=1, fsdp=-1, tensor=1))
 
 
 def test_train_benchmark_reports_throughput_and_mfu(monkeypatch):
@@ -51,8 +49,7 @@ def test_matmul_rate_is_measured():
 
 
 def _hlo_size(n_layers):
-  cfg = ModelConfig(vocab_size=256, embed_dim=64, n_layers=n_layers, n_heads=2, n_kv_heads=1,
-                    head_dim=32, mlp_dim=128, dtype='float32', max_seq_len=64)
+  cfg = micro_model_config(vocab_size=256, n_layers=n_layers, max_seq_len=64)
   model = Transformer(cfg)
   params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
   tokens = jnp.zeros((2, 64), jnp.int32)

@@ -19,6 +19,8 @@ from tests.tokenizers_for_tests import SPECIALS, corpus, make_hf_tokenizer
 transformers = pytest.importorskip('transformers')
 transformers.logging.set_verbosity_error()
 
+pytestmark = [pytest.mark.unit, pytest.mark.parity]
+
 S = lambda c: {'role': 'system', 'content': c}
 U = lambda c: {'role': 'user', 'content': c}
 A = lambda c: {'role': 'assistant', 'content': c}
@@ -433,6 +435,7 @@ def test_bad_templates_and_conversations(tokenizers, tmp_path):
 # --------------------------------------------------------------------------------------------------
 # python -m data.chat
 
+@pytest.mark.e2e
 def test_cli_writes_ids_masks_prompts_and_shows_the_trained_text(tokenizers, tmp_path):
   sp = tokenizers['sp'][0]
   data = tmp_path / 'chats.jsonl'

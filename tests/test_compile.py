@@ -2,15 +2,15 @@
 
 import dataclasses
 import os
-import subprocess
-import sys
 
 import pytest
 
 from configs import scale, tiny
+from tests.builders import micro_model_config
+from tests.cli import ROOT, run_cli
 from train import topology as compile_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.unit
 
 
 def test_parse_topology():
@@ -106,10 +106,9 @@ def test_compiles_the_model_of_init_from(tmp_path):
   model_config): the state compiled is that checkpoint's model's, not the config's preset's."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from model import ModelConfig, abstract_params, count_params  # pylint: disable=import-outside-toplevel
+  from model import abstract_params, count_params  # pylint: disable=import-outside-toplevel
   from model.weights import params as params_lib  # pylint: disable=import-outside-toplevel
-  cfg = ModelConfig(vocab_size=512, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                    mlp_dim=128, max_seq_len=1024, qk_norm=True)
+  cfg = micro_model_config(dtype='bfloat16', max_seq_len=1024, qk_norm=True)
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(cfg))
   params_lib.save_params(str(tmp_path / 'checkpoints'), cfg, zeros)
   config = tiny.get_config()
@@ -120,15 +119,15 @@ def test_compiles_the_model_of_init_from(tmp_path):
   assert report.fits and report.state == pytest.approx(3 * 4 * count_params(cfg), abs=64)
 
 
+@pytest.mark.e2e
 def test_command_line():
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
-  cmd = [sys.executable, '-m', 'train.compile', '--config=configs/tiny.py', '--topology=v5e-1',
-         '--config.train.batch_size=2', '--config.train.seq_len=128', '--config.train.steps=10']
-  ok = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  ok = run_cli('train.compile', '--config=configs/tiny.py', '--topology=v5e-1', '--config.train.batch_size=2',
+               '--config.train.seq_len=128', '--config.train.steps=10', timeout=600, XLA_FLAGS='')
   assert ok.returncode == 0, ok.stderr[-3000:]
   assert 'fits' in ok.stdout and 'of 16.00 GiB HBM' in ok.stdout
 
 
+@pytest.mark.slow
 def test_dpo_step_compiles_with_the_reference_in_the_state():
   """The preference step compiles for TPU; with the reference model in the step (no LoRA), the state
   holds a frozen copy of the parameters besides the params and two Adam moments."""

@@ -28,6 +28,8 @@ from model.weights import hf as hf_lib
 from model.weights import params as params_lib
 from tests.cli import run_cli
 
+pytestmark = [pytest.mark.parity, pytest.mark.e2e]
+
 VOCAB = 160
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

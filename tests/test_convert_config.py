@@ -15,6 +15,8 @@ from model import ModelConfig, Transformer, convert
 from model.weights import hf as hf_lib
 from model.weights import params as params_lib
 
+pytestmark = pytest.mark.unit
+
 # A tiny config.json's shape fields (tests/test_convert.py builds its models with the same).
 COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

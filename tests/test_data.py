@@ -10,6 +10,8 @@ from configs import tiny
 from data import packing, sources
 from data.pretrain import PretrainData
 
+pytestmark = pytest.mark.unit
+
 
 def _char_ids(texts):
   """A stand-in tokenizer: one id per byte, with BOS=1 and EOS=2 around each document."""

@@ -24,12 +24,16 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import sys
 from concurrent import futures
 from dataclasses import dataclass
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
+
+from tests.cli import ROOT, run_python
+
+pytestmark = pytest.mark.unit
+
 PACKAGES = ('configs', 'data', 'model', 'train')  # modules of these packages are the project's
 SHELL_LANGS = {'', 'bash', 'sh', 'shell', 'console', 'zsh', 'text'}
 PLACEHOLDER = re.compile(r'\$|\{.*\}|<[^>]*>|\.\.\.|^[A-Z][A-Z0-9_]*(:[A-Z][A-Z0-9_]*)*$')
@@ -213,14 +217,11 @@ def check(commands: list[Command]) -> list[str]:
   by_module: dict[str, list[Command]] = {}
   for c in commands:
     by_module.setdefault(c.module, []).append(c)
-  env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3'}
 
   def run(module):
     cmds = by_module[module]
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), module], cwd=ROOT, env=env,
-                          input=json.dumps([(c.args, c.complete) for c in cmds]), capture_output=True,
-                          text=True,
-                          timeout=300)
+    proc = run_python(os.path.abspath(__file__), module, TF_CPP_MIN_LOG_LEVEL='3',
+                      input=json.dumps([(c.args, c.complete) for c in cmds]))
     try:
       results = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
@@ -399,6 +400,7 @@ def test_extraction_from_notebook_code_cells(tmp_path):
   ]  # the cell with a magic is not Python: test_notebook.py runs it instead
 
 
+@pytest.mark.e2e
 def test_documented_commands_are_accepted_and_bad_ones_are_not():
   documented = documented_commands()
   modules = {c.module for c in documented}

@@ -12,19 +12,19 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default
 from data.preference import PreferenceData
 from data.records import BadRecord
-from data.synthetic import SyntheticData
 from model import Transformer
 from model.weights import params as params_lib
+from tests.builders import MICRO, losses as _losses, run_config
 from tests.cli import run_cli
 from tests.tokenizers_for_tests import make_hf_tokenizer
-from train import dpo, loop, reference_pass, run as run_lib, start as start_lib, step, validate
+from train import dpo, reference_pass, run as run_lib, start as start_lib, step, validate
 
-VOCAB, SEQ = 400, 128
-MODEL = dict(vocab_size=VOCAB, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=128,
-             dtype='float32', scan_layers=False)
+pytestmark = pytest.mark.unit
+
+VOCAB, SEQ = 400, 128  # the tokenizer's vocabulary; the model's is the micro model's (512)
+MODEL = dict(MICRO, dtype='float32', scan_layers=False)  # as conftest.py's micro_checkpoint
 WORDS = 'alpha beta gamma delta river stone cloud field window garden silver yellow quiet rapid'.split()
 
 
@@ -64,28 +64,19 @@ def files(tmp_path_factory):
 
 
 def _config(files, **data):
-  c = default.get_config()
-  c.model.update(MODEL)
-  c.train.update(dict(objective='dpo', steps=4, batch_size=8, seq_len=SEQ, log_every=1, eval_every=2,
-                      eval_at_start=False, eval_max_batches=1))
-  c.optimizer.update(dict(lr=1e-3, warmup_steps=0, min_lr_ratio=1.0))
-  c.checkpoint.update(dict(async_save=False, every_steps=2))
-  c.data.update({**dict(format='preference', train_files=files['train'], eval_files=files['eval'],
-                        tokenizer=files['tok'], chat_template='llama3'), **data})
-  return c
+  # A constant learning rate, its schedule's length fixed: runs of 2 and 4 steps compile the same step.
+  return run_config(model=MODEL, train=dict(objective='dpo', steps=4, seq_len=SEQ, eval_every=2,
+                                            eval_max_batches=1),
+                    optimizer=dict(lr=1e-3, warmup_steps=0, min_lr_ratio=1.0, decay_steps=4),
+                    checkpoint=dict(async_save=False, every_steps=2),
+                    data={**dict(format='preference', train_files=files['train'], eval_files=files['eval'],
+                                 tokenizer=files['tok'], chat_template='llama3'), **data})
 
 
 @pytest.fixture(scope='module')
-def start(files, tmp_path_factory):
-  """A checkpoint to align: 2 steps of pretraining on synthetic data (any trained model will do)."""
-  c = default.get_config()
-  c.model.update(MODEL)
-  c.data.format = 'synthetic'
-  c.train.update(dict(steps=2, batch_size=8, seq_len=SEQ, eval_every=0, eval_at_start=False))
-  c.checkpoint.async_save = False
-  workdir = str(tmp_path_factory.mktemp('start'))
-  loop.train(c, workdir, SyntheticData(0, SEQ, VOCAB))
-  return workdir
+def start(micro_checkpoint):
+  """A checkpoint to align: the micro model after 2 steps of pretraining (any trained model will do)."""
+  return micro_checkpoint
 
 
 def test_rows_hold_whole_pairs_and_weigh_completion_tokens_only(files):
@@ -142,11 +133,8 @@ def test_long_prompts_are_truncated_or_dropped_and_counted(files, tmp_path):
   assert data.stats()['train_dropped_overlong'] == 1 and len(data.train_pairs) == 1
 
 
-def _losses(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return {r['step']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
-
-
+@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize('reference', ['precompute', 'step'])
 def test_dpo_resumes_exactly(files, start, tmp_path, monkeypatch, reference):
   def train(workdir, steps):
@@ -238,6 +226,7 @@ def test_a_failing_run_prints_one_error_line(files, start, tmp_path):
     assert expected in errors[0] and 'Traceback' not in out, out[-3000:]
 
 
+@pytest.mark.slow
 def test_the_two_references_give_the_same_step(files, start):
   """The reference in the step and the precomputed table give the same loss and gradients."""
   metrics = {}

@@ -28,6 +28,8 @@ from tests.hf_models import random_llama
 from tests.tokenizers_for_tests import make_hf_tokenizer
 from train import dpo, reference_pass, step
 
+pytestmark = [pytest.mark.parity, pytest.mark.e2e]
+
 VOCAB = 400
 PAIRS = [
     ('What does the for statement do?', 'It iterates over a sequence.', 'It is a number.'),

@@ -30,10 +30,11 @@ from model import convert
 from model.evaluation import task_metrics
 from model.evaluation.harness import FlaxLM
 from model.generate import load_model
-from tests.cli import run_cli
+from tests.cli import ROOT, run_cli
 from tests.tokenizers_for_tests import make_hf_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = [pytest.mark.parity, pytest.mark.e2e]
+
 TASKS = ('t_mc', 't_ppl', 't_gen')
 OFFLINE = {'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1'}
 

@@ -25,12 +25,13 @@ from data import instructions, records, sources
 from data.iterator import DatasetIterator
 from model.weights import checksums
 from model.weights import params as params_lib
+from tests.builders import micro_flags
+from tests.cli import run_cli
 from train import workdir as workdir_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ['--config=configs/tiny.py', '--config.model.vocab_size=512', '--config.model.embed_dim=64',
-         '--config.model.n_layers=2', '--config.model.n_heads=4', '--config.model.n_kv_heads=2',
-         '--config.model.head_dim=16', '--config.model.mlp_dim=128', '--config.train.batch_size=8',
+pytestmark = pytest.mark.e2e
+
+SMALL = ['--config=configs/tiny.py', *micro_flags(), '--config.train.batch_size=8',
          '--config.train.seq_len=64', '--config.train.log_every=1', '--config.train.eval_every=0',
          '--config.train.eval_max_batches=1', '--config.train.eval_at_start=False',
          '--config.checkpoint.every_steps=4', '--config.optimizer.warmup_steps=2']
@@ -49,19 +50,19 @@ class Result:
     return [line for line in self.out.splitlines() if line.startswith('error: ')]
 
 
-def _run(module, *args, devices=2, timeout=BOUND_S) -> Result:
-  """Runs `python -m module args` to its end (stdout and stderr together)."""
-  env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
-  env.pop('TF_CPP_MIN_LOG_LEVEL', None)  # as a user runs them: the commands quieten TensorFlow
-  cmd = [sys.executable, '-m', module, *map(str, args)]
+def _run(module, *args, devices=2, timeout=BOUND_S, **env) -> Result:
+  """Runs `python -m module args` to its end (stdout and stderr together), with TensorFlow's log level
+  as a user has it (the commands quieten TensorFlow themselves)."""
   start = time.monotonic()
-  try:
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout, check=False)
-  except subprocess.TimeoutExpired as e:
-    pytest.fail(f'still running after {timeout} s: {" ".join(cmd)}\n{(e.output or b"")[-3000:]}')
-  return Result(cmd[2:], proc.returncode, proc.stdout, time.monotonic() - start, time.time())
+  proc = run_cli(module, *args, timeout=timeout, devices=devices, merge_output=True,
+                 TF_CPP_MIN_LOG_LEVEL=None, **env)
+  return Result(proc.args[2:], proc.returncode, proc.stdout, time.monotonic() - start, time.time())
+
+
+def _run_compiling(module, *args) -> Result:
+  """_run without the session's compilation cache: a run that compiles all it runs, as a first run
+  does, for the tests that race other commands against the time it takes."""
+  return _run(module, *args, JAX_COMPILATION_CACHE_DIR='')
 
 
 def _run_all(commands, parallel: int = 3) -> list[Result]:
@@ -128,6 +129,7 @@ def _sft_args(demo_data, workdir, init_from, sft_files, steps=4, *extra):
 # --------------------------------------------------------------------------------------------------
 # Exiting
 
+@pytest.mark.slow
 def test_a_bad_record_fails_within_seconds_twenty_times_in_a_row(demo_data, tmp_path):
   """A JSON list where a document should be: one line naming the file and line, status 1, and the
   process gone right after, every time (tf.data's worker threads used to hold 8 of 15 runs at exit)."""
@@ -163,18 +165,19 @@ def test_a_missing_coordinator_is_an_error_naming_it():
 # --------------------------------------------------------------------------------------------------
 # One run per workdir
 
+@pytest.mark.slow
 def test_two_runs_on_one_workdir(demo_data, tmp_path):
   """Started at once, one runs and the other refuses at once, naming it; a third, started while the
   first compiles, refuses too. The first run's steps are logged once and its checkpoints are intact."""
   workdir = tmp_path / 'run'
   args = _pretrain_args(demo_data, workdir, 8)
   with concurrent.futures.ThreadPoolExecutor(3) as pool:
-    pair = [pool.submit(_run, *args) for _ in range(2)]
+    pair = [pool.submit(_run_compiling, *args) for _ in range(2)]
     log = workdir / 'errors'
     while not log.exists():  # the loser has reported; the winner loads data and compiles
       assert not all(p.done() for p in pair)
       time.sleep(0.1)
-    third = pool.submit(_run, *args).result()
+    third = pool.submit(_run_compiling, *args).result()
     first, second = sorted((p.result() for p in pair), key=lambda r: r.rc)
   assert first.rc == 0, first
   assert 'First step (with compilation) done' in first.out
@@ -188,6 +191,7 @@ def test_two_runs_on_one_workdir(demo_data, tmp_path):
   assert not (workdir / workdir_lib.LOCK).exists()
 
 
+@pytest.mark.slow
 def test_a_finished_run_rerun_keeps_its_results_and_stale_locks_are_taken_over(demo_data, trained,
                                                                                  tmp_path):
   workdir = _copy(trained, tmp_path)
@@ -242,6 +246,7 @@ def _flip_byte(path, offset):
     f.write(bytes([byte[0] ^ 0x10]))
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_are_refused_naming_step_and_file(demo_data, trained, tmp_path):
   """One flipped byte in the parameters, or in the optimizer state; a truncated file; a deleted one:
   resuming, init_from, generation, export, generate-metrics and the verify command all refuse the step,
@@ -321,6 +326,7 @@ def test_damaged_checkpoints_are_refused_naming_step_and_file(demo_data, trained
   assert [checksums.check(checkpoints / s).status for s in ('4', '8', '12')] == ['ok'] * 3
 
 
+@pytest.mark.slow
 def test_lora_runs_are_locked_and_checksummed_with_their_base(demo_data, trained, tmp_path):
   """LoRA instruction tuning: two runs at once on one workdir, one refused; the adapter checkpoints
   carry checksums, `verify` follows them to the base they refer to, and a flipped byte in that base is
@@ -356,6 +362,7 @@ def test_lora_runs_are_locked_and_checksummed_with_their_base(demo_data, trained
   assert params_lib.saved_steps(steps) == [2, 4]  # the refused resume wrote nothing
 
 
+@pytest.mark.slow
 def test_a_full_disk_fails_the_run_naming_the_step_and_keeps_the_last_checkpoint(demo_data, tmp_path):
   """On a 6 MiB file system the checkpoint of step 4 fits and that of step 8 does not."""
   if os.geteuid() != 0:
@@ -395,6 +402,7 @@ def test_unicode_line_separators_are_part_of_a_jsonl_line(trained, tmp_path):
   assert [r for _, _, r in instructions.conversations(str(chat), cfg)] == [record]
 
 
+@pytest.mark.unit
 def test_a_data_file_whose_name_is_not_utf8_is_read_and_named(tmp_path):
   path = tmp_path / os.fsdecode(b'caf\xe9.jsonl')
   path.write_bytes(b'{"text": "hello"}\n')
@@ -405,6 +413,7 @@ def test_a_data_file_whose_name_is_not_utf8_is_read_and_named(tmp_path):
     read()
 
 
+@pytest.mark.slow
 def test_bad_arguments_name_the_argument(demo_data, trained, tmp_path):
   text = tmp_path / 'text.model'
   text.write_text('this is not a tokenizer\n')
@@ -458,6 +467,7 @@ def test_bad_arguments_name_the_argument(demo_data, trained, tmp_path):
   assert sorted(os.listdir(tmp_path / 'nofile')) == ['errors']
 
 
+@pytest.mark.unit
 def test_a_gs_workdir_is_locked_by_a_create_only_if_absent_object(monkeypatch):
   """gs:// locks, against a stand-in for google-cloud-storage that keeps GCS's rule: a write with
   if_generation_match fails unless the object's generation is that number (0: the object is absent)."""
@@ -521,6 +531,7 @@ def test_a_gs_workdir_is_locked_by_a_create_only_if_absent_object(monkeypatch):
         lock.__enter__()
 
 
+@pytest.mark.unit
 def test_checksums_name_the_damaged_block_and_hosts_split_the_reading(tmp_path, monkeypatch):
   monkeypatch.setattr(checksums, 'BLOCK_BYTES', 1000)  # 64 MiB and 1 MiB in use
   monkeypatch.setattr(checksums, 'QUICK_BYTES', 100)

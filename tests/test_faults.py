@@ -7,8 +7,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import jax
@@ -16,13 +14,13 @@ import numpy as np
 import pytest
 
 from model.weights import params as params_lib
+from tests.builders import losses as _losses, micro_flags
+from tests.cli import finish, start_cli, start_python
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 STEPS = 30
-SMALL_MODEL = ['--config.model.vocab_size=512', '--config.model.embed_dim=64', '--config.model.n_layers=2',
-               '--config.model.n_heads=4', '--config.model.n_kv_heads=2', '--config.model.head_dim=16',
-               '--config.model.mlp_dim=128']
-COMMON = SMALL_MODEL + [
+COMMON = micro_flags() + [
     f'--config.train.steps={STEPS}', '--config.train.batch_size=8', '--config.train.seq_len=64',
     '--config.train.log_every=1', '--config.train.eval_every=5', '--config.train.eval_max_batches=1',
     '--config.train.eval_at_start=False', '--config.checkpoint.every_steps=4',
@@ -36,20 +34,16 @@ def _pretrain_flags(demo_data):
 
 
 def _launch(module, workdir, flags, devices=2, env=None, runner=None):
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
-         'JAX_PLATFORMS': 'cpu', **(env or {})}
   os.makedirs(workdir, exist_ok=True)
-  log = open(os.path.join(workdir, f'log-{time.time_ns()}.txt'), 'w')
-  cmd = [sys.executable] + ([runner] if runner else ['-m']) + [module, f'--workdir={workdir}'] + flags
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-  proc.log_path = log.name
-  return proc
+  log = os.path.join(workdir, f'log-{time.time_ns()}.txt')
+  args = [module, f'--workdir={workdir}', *flags]
+  if runner:
+    return start_python(runner, *args, log=log, devices=devices, **(env or {}))
+  return start_cli(*args, log=log, devices=devices, **(env or {}))
 
 
 def _finish(proc, timeout=300):
-  rc = proc.wait(timeout=timeout)
-  with open(proc.log_path) as f:
-    out = f.read()
+  rc, out = finish(proc, timeout)
   assert rc == 0, out[-4000:]
   return out
 
@@ -68,12 +62,6 @@ def _wait_until(condition, proc, timeout=240):
     assert proc.poll() is None, f'process ended before the fault could be injected: {proc.log_path}'
     assert time.time() - start < timeout, 'timed out waiting to inject the fault'
     time.sleep(0.01)
-
-
-def _losses(workdir):
-  """step -> loss; where a step was run twice (redone after a kill), the later value counts."""
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return {r['step']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
 
 
 def _params(workdir):

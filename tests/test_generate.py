@@ -7,15 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import ModelConfig, Transformer
+from model import Transformer
 from model import sharding
 from model.inference.sampler import Generator, SamplingConfig, left_pad, sample_logits
+from tests.builders import micro_model_config
 from tests.cli import run_cli
 from tests.tokenizers_for_tests import make_hf_tokenizer, make_sp_tokenizer
 from train import checkpoint
 
-CFG = ModelConfig(vocab_size=512, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                  mlp_dim=128, dtype='float32', max_seq_len=128, init_std=0.1, rope_theta=500000.0)
+pytestmark = pytest.mark.unit
+
+CFG = micro_model_config(init_std=0.1, rope_theta=500000.0)
 PROMPTS = [[1, 5, 7, 9, 11], [1, 3], list(range(1, 20))]
 UNUSED = CFG.vocab_size - 1  # a stop id that greedy decoding of this model does not produce
 
@@ -119,6 +121,7 @@ def ckpt(params, tmp_path_factory):
   return str(path)
 
 
+@pytest.mark.e2e
 def test_cli_with_hf_tokenizer_and_chat_template(ckpt, tmp_path):
   tok = make_hf_tokenizer(tmp_path / 'tok', vocab_size=400)
   proc = run_cli('model.generate', '--ckpt', ckpt, '--tokenizer', tok, '--chat-template', 'llama3',
@@ -131,6 +134,7 @@ def test_cli_with_hf_tokenizer_and_chat_template(ckpt, tmp_path):
   assert 'compute float32, params float32' in proc.stdout  # the CPU default compute dtype
 
 
+@pytest.mark.e2e
 def test_cli_with_sentencepiece_and_vocab_check(ckpt, tmp_path):
   sp = make_sp_tokenizer(tmp_path / 'tokenizer.model', vocab_size=400)
   proc = run_cli('model.generate', '--ckpt', ckpt, '--tokenizer', sp, '--prompt', 'The for statement',

@@ -19,12 +19,15 @@ from tests.tokenizers_for_tests import make_sp_tokenizer
 from train import grpo, loop
 from train.rewards import RewardError
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 VOCAB, SEQ = 400, 64
 MODEL = dict(vocab_size=VOCAB, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=128,
              dtype='float32', scan_layers=False)
 WORDS = 'alpha beta gamma delta river stone cloud field window garden silver yellow quiet rapid'.split()
 
 
+@pytest.mark.unit
 def test_rows_put_each_completion_after_its_prompt_with_its_advantage():
   rows = grpo.completion_rows([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]],
                               np.array([[-0.5, -0.25, -9.0], [-1.0, -2.0, -3.0]], np.float32),

@@ -31,6 +31,8 @@ from train import policy_gradient as pg
 from train import step as step_lib
 from train.state import TrainState
 
+pytestmark = [pytest.mark.parity, pytest.mark.slow]
+
 VOCAB = 400
 G = 4
 EOS = 393  # tests/tokenizers_for_tests.py's <|end_of_text|> in a 400-token vocabulary

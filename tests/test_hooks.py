@@ -14,6 +14,8 @@ import pytest
 from configs import default
 from train import evaluation, hooks, loop
 
+pytestmark = pytest.mark.unit
+
 
 def _info(step, **metrics):
   return hooks.StepInfo(step, types.SimpleNamespace(model_params=f'params@{step}'), metrics)

@@ -2,16 +2,15 @@
 
 import fnmatch
 import json
-import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
 
 from runtime import host_memory
+from tests.cli import run_python
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.unit
 
 # A fresh interpreter (the allocator must be set before JAX starts) runs a function whose 256 MiB
 # intermediate (the [8192, 8192] float32 tanh(a @ w), kept whole for its gradient) is XLA's temporary
@@ -36,13 +35,14 @@ _PROBE = textwrap.dedent("""
 
 
 def _probe(mode):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, FLAXLM_KEEP_FREED_MEMORY='1')
-  out = subprocess.run([sys.executable, '-c', _PROBE, mode], env=env, cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, check=True).stdout
-  return json.loads(out.strip().splitlines()[-1])
+  # One CPU device, and the function compiled there (not loaded from the session's compilation cache).
+  proc = run_python('-c', _PROBE, mode, XLA_FLAGS=None, FLAXLM_KEEP_FREED_MEMORY='1',
+                    JAX_COMPILATION_CACHE_DIR='')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc tuning is Linux-only')
 def test_freed_buffers_are_reused_instead_of_faulted_in_again():
   default, kept = _probe('default'), _probe('keep')

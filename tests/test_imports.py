@@ -13,9 +13,12 @@ import os
 import pkgutil
 import re
 import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
+
+from tests.cli import ROOT, run_python
+
+pytestmark = pytest.mark.unit
 
 
 def _modules(*packages: str) -> list[str]:
@@ -28,11 +31,10 @@ def _modules(*packages: str) -> list[str]:
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
-  env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}
-  return subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300, check=False)
+  return run_python('-c', code)
 
 
+@pytest.mark.e2e
 def test_every_module_imports_alongside_every_other():
   modules = _modules('runtime', 'model', 'model/weights', 'model/inference', 'model/evaluation', 'train',
                      'data')
@@ -45,6 +47,7 @@ def test_every_module_imports_alongside_every_other():
   assert 'imported all' in result.stdout
 
 
+@pytest.mark.e2e
 def test_model_and_train_import_without_tensorflow():
   modules = _modules('runtime', 'model', 'model/weights', 'model/inference', 'train')
   # A None entry in sys.modules makes `import tensorflow` raise ImportError, as where it is missing.

@@ -17,14 +17,15 @@ import sys
 import jax
 import pytest
 
-from configs import default
 from data.synthetic import SyntheticData
+from tests.builders import MICRO, run_config
 from train import loop
+
+pytestmark = pytest.mark.e2e
 
 WORDS = ('alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river stone cloud field '
          'window garden silver yellow quiet rapid gentle').split()
-MODEL = dict(vocab_size=512, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=128,
-             dtype='float32', scan_layers=False)
+MODEL = dict(MICRO, dtype='float32', scan_layers=False)
 # float.hex() of the logged values: train loss at steps 1-3, held-out loss at steps 0 and 3.
 RECORDED_WITH_JAX = '0.10.2'  # requirements.txt's
 EXPECTED = {
@@ -36,13 +37,8 @@ EXPECTED = {
 
 
 def _config(steps=3):
-  c = default.get_config()
-  c.model.update(MODEL)
-  c.train.update(dict(steps=steps, batch_size=8, seq_len=64, log_every=1, eval_every=0,
-                      eval_at_start=True, eval_max_batches=2))
-  c.optimizer.update(dict(lr=1e-2, warmup_steps=1))
-  c.checkpoint.async_save = False
-  return c
+  return run_config(model=MODEL, train=dict(steps=steps, seq_len=64, eval_at_start=True),
+                    optimizer=dict(lr=1e-2, warmup_steps=1), checkpoint=dict(async_save=False))
 
 
 def _sft_files(root):

@@ -4,7 +4,6 @@ within its bound; the same loss on every mesh; exact resume from a base checkpoi
 LoRA checkpoint, unmerged; bad input named by its key."""
 
 import dataclasses
-import json
 import os
 import shutil
 
@@ -15,7 +14,6 @@ import numpy as np
 import optax
 import pytest
 
-from configs import tiny
 from data.synthetic import SyntheticData, synthetic_global_batch
 from model import ModelConfig, Transformer, init_params
 from model import lora as lora_lib
@@ -24,14 +22,16 @@ from model.inference.sampler import Generator, SamplingConfig
 from model.lora import LoraConfig
 from model.weights import adapters
 from model.weights import params as params_lib
+from tests.builders import losses as _losses, micro_model_config, run_config
 from tests.cli import run_cli
 from train import loop, optimizer, start as start_lib, validate
 from train import run as run_lib
 from train import state as state_lib
 from train import step as step_lib
 
-MODEL = ModelConfig(vocab_size=256, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                    mlp_dim=128, dtype='float32', max_seq_len=128)
+pytestmark = pytest.mark.unit
+
+MODEL = micro_model_config(vocab_size=256)
 LORA = LoraConfig(rank=4, alpha=8.0)
 TOKENS = np.random.default_rng(0).integers(0, MODEL.vocab_size, (2, 24))
 
@@ -179,6 +179,7 @@ def _loss_and_grads(mesh, lora):
   return float(loss), jax.device_get(grads)
 
 
+@pytest.mark.slow
 def test_loss_and_adapter_grads_are_the_same_on_every_mesh():
   # The meshes of tests/test_step.py. (An nf4 base trains on a 2 x 2 x 2 mesh below.)
   lora = LORA
@@ -236,20 +237,10 @@ def test_a_quantized_base_is_loaded_a_layer_at_a_time(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Runs: a base checkpoint, LoRA continued pretraining, exact resume, generation, bad input
 
-RUN_MODEL = dict(vocab_size=512, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                 mlp_dim=128)
-
-
 def _run_config(steps, **lora):
-  c = tiny.get_config()
-  c.model.update(RUN_MODEL)
-  c.data.format = 'synthetic'
-  c.train.update(dict(steps=steps, batch_size=8, seq_len=32, log_every=1, eval_every=0,
-                      eval_at_start=False))
-  c.optimizer.update(dict(decay_steps=6, warmup_steps=2, lr=1e-2))
-  c.checkpoint.every_steps = 3
-  c.lora.update({**dict(rank=4, alpha=8.0, dropout=0.1), **lora})
-  return c
+  return run_config('tiny', data=dict(format='synthetic'), train=dict(steps=steps, seq_len=32),
+                    optimizer=dict(decay_steps=6, warmup_steps=2, lr=1e-2), checkpoint=dict(every_steps=3),
+                    lora={**dict(rank=4, alpha=8.0, dropout=0.1), **lora})
 
 
 @pytest.fixture(scope='module')
@@ -268,11 +259,6 @@ def _train(workdir, base, steps, **lora):
   return loop.train(c, workdir, SyntheticData(0, 32, c.model.vocab_size))
 
 
-def _losses(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return {r['step']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
-
-
 @pytest.fixture(scope='module')
 def lora_runs(base_ckpt, tmp_path_factory):
   root = tmp_path_factory.mktemp('lora')
@@ -283,6 +269,8 @@ def lora_runs(base_ckpt, tmp_path_factory):
   return straight, interrupted
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_lora_run_resumes_exactly_and_checkpoints_only_adapters(base_ckpt, lora_runs):
   straight, interrupted = lora_runs
   a, b = _losses(straight), _losses(interrupted)
@@ -307,6 +295,7 @@ def test_lora_run_resumes_exactly_and_checkpoints_only_adapters(base_ckpt, lora_
     np.testing.assert_array_equal(np.asarray(x), y, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.e2e
 def test_generation_from_a_lora_checkpoint_equals_merged_weights(lora_runs, demo_data):
   cfg, lora, params = adapters.load_model(lora_runs[0])
   prompts = [[1, 5, 9, 11], [1, 200, 3]]
@@ -320,6 +309,8 @@ def test_generation_from_a_lora_checkpoint_equals_merged_weights(lora_runs, demo
   assert 'new tokens in' in proc.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_changed_base_is_refused(base_ckpt, lora_runs, tmp_path):
   # A copy of the run whose base is replaced by other weights of the same shapes.
   base_copy, run_copy = str(tmp_path / 'base'), str(tmp_path / 'run')
@@ -338,6 +329,7 @@ def test_a_changed_base_is_refused(base_ckpt, lora_runs, tmp_path):
     _train(str(tmp_path / 'next'), run_copy, 6)  # going on from its adapters
 
 
+@pytest.mark.e2e
 def test_bad_lora_settings_name_the_key(base_ckpt, lora_runs, tmp_path):
   run = lambda **lora: run_lib.Run(_run_config(1, **lora))
   with pytest.raises(validate.ConfigError, match=r'lora.rank=40 is larger than the dimensions of '

@@ -8,10 +8,12 @@ import pytest
 
 from data.synthetic import synthetic_global_batch
 from model import ModelConfig, Transformer
+from tests.builders import MICRO
 from train import optimizer, step as step_lib
 
-BASE = dict(vocab_size=300, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-            mlp_dim=128, dtype='float32', max_seq_len=128)
+pytestmark = pytest.mark.unit
+
+BASE = dict(MICRO, vocab_size=300, dtype='float32', max_seq_len=128)
 
 
 def _params(cfg):
@@ -31,6 +33,7 @@ def _sums_and_grads(cfg, chunk, params, batch):
   return jax.jit(jax.grad(objective, has_aux=True))(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('tied', [False, True])
 def test_chunked_loss_equals_plain_loss(tied):
   cfg = {**BASE, 'tie_embeddings': tied}

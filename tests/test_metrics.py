@@ -9,6 +9,8 @@ import pytest
 
 from train import metrics
 
+pytestmark = pytest.mark.unit
+
 
 def test_jsonl_and_tensorboard(tmp_path):
   writer = metrics.MetricWriter(str(tmp_path))

@@ -19,6 +19,8 @@ from data.sft import SFTData
 from tests.cli import run_cli
 from tests.test_parquet import write_jsonl, write_parquet
 
+pytestmark = pytest.mark.unit
+
 WEIGHTS = {'books': 0.2, 'code': 0.3, 'web': 0.5}
 SEQ = 32
 
@@ -132,6 +134,7 @@ def test_sft_mixture(demo_data, tmp_path):
   assert len(data.eval_batches(0, 1, 4, max_batches=0)) >= 1
 
 
+@pytest.mark.e2e
 def test_trainer_logs_tokens_per_source_and_keeps_counting_after_a_restart(demo_data, sources_dir,
                                                                           tmp_path):
   from train import loop  # pylint: disable=import-outside-toplevel
@@ -154,6 +157,7 @@ def test_trainer_logs_tokens_per_source_and_keeps_counting_after_a_restart(demo_
     assert sum(per_step[step].values()) == step * 8 * SEQ  # the rows of every step so far
 
 
+@pytest.mark.e2e
 def test_inspect_shows_rows_segments_and_source_shares(demo_data, sources_dir, tmp_path):
   data = PretrainData(mixture_config(demo_data, sources_dir).data, SEQ)
   rows = inspect_lib.first_rows(data, 'train', 100)

@@ -7,9 +7,11 @@ import pytest
 
 from model import ModelConfig, Transformer, count_params, preset
 from model.transformer import _embed, _token_einsum, _unembed, rope_inverse_frequencies
+from tests.builders import MICRO
 
-SMALL = dict(vocab_size=256, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-             mlp_dim=128, dtype='float32', max_seq_len=128)
+pytestmark = pytest.mark.unit
+
+SMALL = dict(MICRO, vocab_size=256, dtype='float32', max_seq_len=128)
 
 
 class _Jitted:

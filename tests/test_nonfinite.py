@@ -9,10 +9,12 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default
 from data.synthetic import SyntheticData, SyntheticIterator
+from tests.builders import run_config
 from train import checkpoint, loop
 from train import run as run_lib
+
+pytestmark = pytest.mark.e2e
 
 
 class PoisonedIterator(SyntheticIterator):
@@ -41,14 +43,9 @@ class PoisonedData(SyntheticData):
 
 
 def _config(steps, max_skips=10):
-  c = default.get_config()
-  c.model.update(dict(vocab_size=512, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                      mlp_dim=128))
-  c.data.format = 'synthetic'
-  c.train.update(dict(steps=steps, batch_size=8, seq_len=32, log_every=1, eval_at_start=False,
-                      max_consecutive_skips=max_skips))
-  c.checkpoint.update(dict(every_steps=1, keep=10, async_save=False))
-  return c
+  return run_config(data=dict(format='synthetic'),
+                    train=dict(steps=steps, seq_len=32, max_consecutive_skips=max_skips),
+                    checkpoint=dict(every_steps=1, keep=10, async_save=False))
 
 
 def _state(workdir, step, config):

@@ -6,7 +6,10 @@ import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.cli import ROOT
+
+pytestmark = pytest.mark.unit
+
 NOTEBOOK = os.path.join(ROOT, 'notebooks', 'quickstart.ipynb')
 
 
@@ -19,6 +22,8 @@ def test_notebook_is_stored_without_outputs():
   assert not dirty, f'code cells {dirty} hold outputs; clear them before committing'
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   nbformat = pytest.importorskip('nbformat')
   nbclient = pytest.importorskip('nbclient')

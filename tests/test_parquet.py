@@ -19,6 +19,8 @@ from data.pretrain import PretrainData
 from data.records import BadRecord
 from data.sft import SFTData
 
+pytestmark = pytest.mark.unit
+
 try:
   import datasets
 except ImportError:  # the test requirements have it; without it pyarrow writes the same tables

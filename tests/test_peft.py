@@ -25,6 +25,8 @@ from tests.cli import run_cli
 from tests.hf_models import random_llama
 from train import loop
 
+pytestmark = [pytest.mark.parity, pytest.mark.e2e]
+
 VOCAB = 160
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 40))
 

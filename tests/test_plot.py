@@ -3,14 +3,13 @@ TensorFlow or JAX, and keeps the later values of steps that a resumed run logged
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+from tests.cli import run_cli, run_python
 from train import plot
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.unit
 
 
 def _write_run(workdir, records, evals=None):
@@ -78,6 +77,7 @@ def test_figure_has_one_line_per_run_and_curve(resumed_run, tmp_path):
   assert [r['label'] for r in runs] == ['a', 'b']
 
 
+@pytest.mark.e2e
 def test_cli_writes_a_png_without_tensorflow_or_jax(resumed_run, tmp_path):
   out = tmp_path / 'plots' / 'loss.png'
   code = ('import runpy, sys; sys.argv = ["train.plot", "--workdir", sys.argv[1], "--workdir", sys.argv[2], '
@@ -86,8 +86,7 @@ def test_cli_writes_a_png_without_tensorflow_or_jax(resumed_run, tmp_path):
           'assert not heavy, heavy')
   other = str(tmp_path / 'other')
   _write_run(other, [_train(10, 3.0, 500.0)])
-  proc = subprocess.run([sys.executable, '-c', code, resumed_run, other, str(out)], cwd=ROOT,
-                        env={**os.environ, 'PYTHONPATH': ROOT}, capture_output=True, text=True, timeout=120)
+  proc = run_python('-c', code, resumed_run, other, str(out), timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert out.read_bytes().startswith(b'\x89PNG') and out.stat().st_size > 20_000
   lines = proc.stdout.splitlines()
@@ -95,9 +94,9 @@ def test_cli_writes_a_png_without_tensorflow_or_jax(resumed_run, tmp_path):
   assert lines[-1] == f'Wrote {out}'
 
 
+@pytest.mark.e2e
 def test_cli_names_a_folder_without_metrics(tmp_path):
-  proc = subprocess.run([sys.executable, '-m', 'train.plot', '--workdir', str(tmp_path)], cwd=ROOT,
-                        env={**os.environ, 'PYTHONPATH': ROOT}, capture_output=True, text=True, timeout=120)
+  proc = run_cli('train.plot', '--workdir', str(tmp_path), timeout=120)
   assert proc.returncode == 1
   assert f'{tmp_path}: no metrics.jsonl or eval_results.json' in proc.stderr
 

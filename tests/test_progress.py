@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from pydoc_data import topics
 
 from data import demo_corpus
@@ -21,6 +22,8 @@ from model import Transformer, convert
 from model.config import preset
 from model.evaluation import task_metrics
 from model.weights import params as params_lib
+
+pytestmark = pytest.mark.unit
 
 
 class _Terminal(io.StringIO):

@@ -10,6 +10,8 @@ from data.prompts import PromptData
 from data.records import BadRecord
 from tests.tokenizers_for_tests import make_sp_tokenizer
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope='module')
 def tokenizer(tmp_path_factory):

@@ -11,6 +11,8 @@ import pytest
 from train import rewards
 from train.rewards import RewardError, Rewards
 
+pytestmark = pytest.mark.unit
+
 
 def test_exact_match_is_strict_and_the_squad_option_never_rewards_an_empty_answer():
   completions = ['Paris', ' Paris\n', 'paris', 'The', '']

@@ -17,12 +17,13 @@ from data.records import BadRecord
 from data.sft import SFTData
 from model import ModelConfig, Transformer
 from model.weights import params as params_lib
+from tests.builders import losses as _losses, micro_model_config, run_config
 from train import evaluation, loop, start as start_lib, step as step_lib, validate
 from train import run as run_lib
 
+pytestmark = pytest.mark.unit
+
 SEQ = 128
-SMALL_MODEL = dict(vocab_size=512, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                   mlp_dim=128)
 
 
 @pytest.fixture(scope='module')
@@ -58,16 +59,10 @@ def test_demo_instruction_set_asks_every_question_of_each_training_sentence(demo
 
 
 def _config(demo_data, sft_files, **data):
-  c = sft_tiny.get_config()
-  c.model.update(SMALL_MODEL)
-  c.data.train_files, c.data.eval_files = sft_files['train'], sft_files['eval']
-  c.data.tokenizer = demo_data['tokenizer']
-  c.data.update(data)
-  c.train.update(dict(batch_size=8, seq_len=SEQ, log_every=1, eval_every=3, eval_at_start=False,
-                      eval_max_batches=2))
-  c.optimizer.update(dict(decay_steps=6, warmup_steps=2, lr=3e-3))
-  c.checkpoint.every_steps = 3
-  return c
+  return run_config('sft_tiny', train=dict(seq_len=SEQ, eval_every=3),
+                    data={**dict(train_files=sft_files['train'], eval_files=sft_files['eval'],
+                                 tokenizer=demo_data['tokenizer']), **data},
+                    optimizer=dict(decay_steps=6, warmup_steps=2, lr=3e-3), checkpoint=dict(every_steps=3))
 
 
 def _write(path, lines):
@@ -146,7 +141,7 @@ def test_alpaca_and_prompt_completion_formats(demo_data, sft_files, tmp_path):
 def _model_and_batch(demo_data, sft_files):
   data = SFTData(_config(demo_data, sft_files).data, SEQ)
   batch = next(data.train_iterator(0, 1, 8))
-  model = Transformer(ModelConfig(**SMALL_MODEL, dtype='float32'))
+  model = Transformer(micro_model_config(max_seq_len=4096))
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
   params = jax.tree.map(lambda x: x.value, params, is_leaf=lambda x: hasattr(x, 'value'))
   return model, params, batch
@@ -225,7 +220,7 @@ def test_generation_eval_warns_once_of_references_that_normalise_to_nothing(demo
   heldout = _write(tmp_path / 'heldout.jsonl', [GOOD, article, article])
   c = _config(demo_data, sft_files, eval_files=heldout)
   data = SFTData(c.data, SEQ)
-  run = types.SimpleNamespace(model_config=ModelConfig(**SMALL_MODEL), mesh=None, lora=LoraConfig())
+  run = types.SimpleNamespace(model_config=micro_model_config(), mesh=None, lora=LoraConfig())
   for metrics, warned in (('exact_match,rougeL', True), ('exact_match_strict,rougeL', False)):
     c.eval.generation.metrics = metrics
     caplog.clear()
@@ -272,23 +267,14 @@ def test_packed_examples_do_not_see_each_other(demo_data, sft_files):
     np.testing.assert_allclose(packed[where], alone, atol=1e-5)
 
 
-def _losses(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return {r['step']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
-
-
 @pytest.fixture(scope='module')
-def pretrained(demo_data, sft_files, tmp_path_factory):
-  """A short pretraining run to start instruction tuning from."""
-  from data.pretrain import PretrainData  # pylint: disable=import-outside-toplevel
-  pre = _config(demo_data, sft_files)
-  pre.data.update(dict(format='jsonl', train_files=demo_data['train'], eval_files=''))
-  pre.train.steps, pre.init_from = 2, ''  # from random parameters (sft_tiny's init_from is the demo's)
-  workdir = str(tmp_path_factory.mktemp('pretrained'))
-  loop.train(pre, workdir, PretrainData(pre.data, SEQ))
-  return workdir
+def pretrained(micro_checkpoint):
+  """A short pretraining run of the micro model to start instruction tuning from."""
+  return micro_checkpoint
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_sft_from_checkpoint_resumes_exactly(demo_data, sft_files, pretrained, tmp_path):
   def sft(workdir, steps):
     c = _config(demo_data, sft_files)
@@ -326,7 +312,7 @@ def test_init_from_a_different_model_is_an_error(demo_data, sft_files, pretraine
 
 def test_the_model_comes_from_init_from_unless_the_config_sets_its_shape(pretrained):
   """A fine-tuning config that leaves its preset's architecture as it is (sft_tiny: 'tiny') trains the
-  init_from checkpoint's model (here SMALL_MODEL), computed as the config says; model.preset=init_from
+  init_from checkpoint's model (here the micro model), computed as the config says; model.preset=init_from
   does so whatever the config's architecture fields hold."""
   saved = params_lib.load_model_config(pretrained)
   assert saved.embed_dim != ModelConfig.from_dict(sft_tiny.get_config().model).embed_dim  # a real test
@@ -395,6 +381,8 @@ def _read(workdir, name):
     return json.load(f) if name.endswith('.json') else [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_early_stopping_keeps_the_best_checkpoint_also_across_a_resume(demo_data, sft_files, pretrained,
                                                                       tmp_path):
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')

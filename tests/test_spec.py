@@ -12,6 +12,8 @@ from configs import default
 from train import spec as spec_lib
 from train.spec import ConfigError, Spec
 
+pytestmark = pytest.mark.unit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONS = ('', 'sft', 'dpo', 'sft,lora', 'dpo,lora')
 

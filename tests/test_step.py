@@ -10,10 +10,12 @@ from configs import default
 from data.synthetic import synthetic_global_batch
 from model import ModelConfig, Transformer
 from model import sharding
+from tests.builders import micro_model_config
 from train import optimizer, state as state_lib, step as step_lib, validate
 
-MODEL = ModelConfig(vocab_size=256, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                    mlp_dim=128, dtype='float32', max_seq_len=128)
+pytestmark = pytest.mark.unit
+
+MODEL = micro_model_config(vocab_size=256)
 OPT = dict(lr=1e-2, warmup_steps=0, decay_steps=0, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
            weight_decay=0.1, grad_clip=1.0)
 BATCH, SEQ = 16, 32
@@ -43,6 +45,7 @@ def _loss_and_grads(mesh):
   return float(loss), jax.device_get(grads)
 
 
+@pytest.mark.slow
 def test_loss_and_grads_are_the_same_on_every_mesh():
   ref_loss, ref_grads = _loss_and_grads(_mesh((1, 1, 1)))
   for shape in [(8, 1, 1), (1, 8, 1), (2, 2, 2)]:
@@ -74,6 +77,7 @@ def _train(mesh, accum, steps, tx=None):
   return jax.device_get(state.params), history
 
 
+@pytest.mark.slow
 def test_accumulation_equals_the_full_batch():
   # Plain SGD: the update is linear in the gradient, so parameters compare the gradients themselves
   # (Adam's near-sign first steps would magnify float rounding on near-zero gradients).

@@ -13,6 +13,8 @@ from rouge_score import rouge_scorer
 
 from model.evaluation import task_metrics
 
+pytestmark = [pytest.mark.unit, pytest.mark.parity]
+
 PREDICTIONS = ['The cat sat on the mat.', 'Running dogs', 'Paris, France', '42', '',
                'the quick brown fox jumps over the lazy dog', 'a', 'Ça va très bien']
 REFERENCES = ['the cat sat on a mat', 'run dog', 'Paris', '42', 'an answer',

@@ -11,6 +11,8 @@ from data.tokenizer import (HuggingFaceTokenizer, SentencePieceTokenizer, check_
                             load_tokenizer)
 from tests.tokenizers_for_tests import make_hf_tokenizer, make_sp_tokenizer
 
+pytestmark = pytest.mark.unit
+
 CHAT = [
     {'role': 'system', 'content': 'Be brief.'},
     {'role': 'user', 'content': 'What does a for statement do?'},
@@ -143,6 +145,8 @@ def _same_ids_in_transformers(tok, folder):
   return reference
 
 
+@pytest.mark.e2e
+@pytest.mark.parity
 def test_trained_bpe_tokenizer_loads_here_and_in_transformers(tmp_path):
   """`python -m data.tokenizer --kind bpe` on Parquet input: a Llama 3 style tokenizer.json with the
   chat templates' tokens, which this project and transformers load alike; and a Qwen style one (no

@@ -1,40 +1,27 @@
 """End to end: the pretraining entry point resumes exactly, and runs the same on two processes."""
 
-import json
 import os
 import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from configs import tiny
 from data.pretrain import PretrainData
+from tests.builders import losses as _losses, run_config
+from tests.cli import finish, start_cli
 from train import checkpoint, loop
 from train import run as run_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.e2e
 
 
 def _config(demo_data, steps):
-  c = tiny.get_config()
-  c.model.update(dict(vocab_size=512, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                      mlp_dim=128))
-  c.data.train_files, c.data.eval_files, c.data.tokenizer = (
-      demo_data['train'], demo_data['eval'], demo_data['tokenizer'])
-  c.train.update(dict(steps=steps, batch_size=8, seq_len=64, log_every=1, eval_every=0,
-                      eval_at_start=False, eval_max_batches=2))
   # A fixed schedule, so that a run stopped at step k follows the same learning rates as a longer one.
-  c.optimizer.update(dict(decay_steps=6, warmup_steps=2, lr=1e-2))
-  c.checkpoint.every_steps = 3
-  return c
-
-
-def _losses(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return {r['step']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
+  return run_config('tiny', train=dict(steps=steps, seq_len=64),
+                    data=dict(train_files=demo_data['train'], eval_files=demo_data['eval'],
+                              tokenizer=demo_data['tokenizer']),
+                    optimizer=dict(decay_steps=6, warmup_steps=2, lr=1e-2), checkpoint=dict(every_steps=3))
 
 
 def _final_params(config, workdir, step):
@@ -44,6 +31,7 @@ def _final_params(config, workdir, step):
   return jax.device_get(state.params)
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(demo_data, tmp_path, monkeypatch):
   # The interrupted run's workdir is relative, as in the README's commands (orbax needs absolute paths).
   monkeypatch.chdir(tmp_path)
@@ -61,6 +49,7 @@ def test_resumed_run_equals_uninterrupted_run(demo_data, tmp_path, monkeypatch):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.unit
 def test_a_save_that_fails_in_the_background_fails_the_run(tmp_path):
   """Orbax's background threads only log a failed write; waiting for the save must raise."""
   ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), keep=2)
@@ -81,17 +70,15 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
-  common = [sys.executable, '-m', 'train.pretrain', '--config=configs/tiny.py',
+  common = ['--config=configs/tiny.py',
             '--config.data.format=synthetic', '--config.train.steps=4', '--config.train.log_every=1',
             '--config.train.batch_size=8', '--config.train.seq_len=32', '--config.mesh.data=2',
             '--config.mesh.fsdp=-1', '--config.checkpoint.every_steps=2']
 
   def launch(workdir, devices, extra=()):
-    env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
-           'JAX_PLATFORMS': 'cpu'}
-    return subprocess.Popen(common + [f'--workdir={workdir}', *extra], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return start_cli('train.pretrain', *common, f'--workdir={workdir}', *extra, devices=devices)
 
   port = _free_port()
   single = launch(tmp_path / 'single', 4)
@@ -100,8 +87,8 @@ def test_two_processes_match_one_process(tmp_path):
                                         f'--config.distributed.process_id={i}'])
           for i in range(2)]
   for p in [single] + pair:
-    out, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, out[-3000:]
+    rc, out = finish(p, timeout=300)
+    assert rc == 0, out[-3000:]
   a, b = _losses(tmp_path / 'single'), _losses(tmp_path / 'pair')
   assert sorted(a) == sorted(b) == [1, 2, 3, 4]
   np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)

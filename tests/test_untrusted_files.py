@@ -19,6 +19,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The child processes' address space: enough for JAX and the import of a small model, far below what
 # the hostile files would take.

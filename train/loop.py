@@ -49,6 +49,7 @@ from train.chips import peak_tflops
 # Raised by the non-finite guard; callers know it as loop.TrainingDiverged.
 from train.hooks import TrainingDiverged  # pylint: disable=unused-import
 from train.run import Run
+from train.spec import Spec
 
 
 class DataSource(Protocol):
@@ -288,6 +289,7 @@ def train(config: Any, workdir: str, data: DataSource | Callable[[], DataSource]
   the Trainer class (default: Trainer; train.grpo's samples its batches). Returns the last logged
   metrics (a finished run's final metrics).
   """
+  config = Spec.of(config)  # the frozen, checked sections every component reads from here on
   with workdir_lib.RunLock(workdir, take_over=config.train.take_over_lock):
     final = workdir_lib.finished_run(workdir, config.train.steps)
     if final is not None:

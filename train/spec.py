@@ -332,10 +332,10 @@ class Spec:
   logging: Logging
   distributed: Distributed
   lora: LoraConfig
-  model: ml_collections.FrozenConfigDict  # a preset and its overrides, resolved by train/start.py
-  data: ml_collections.FrozenConfigDict   # data/config.py's section, read by data/
+  model: ml_collections.ConfigDict  # a preset and its overrides, resolved by train/start.py
+  data: ml_collections.ConfigDict   # data/config.py's section, read by data/ (locked: no new keys)
   init_from: str
-  config: ml_collections.ConfigDict       # what the user gave, as config.json records it
+  config: ml_collections.ConfigDict  # what the user gave, as config.json records it
 
   @classmethod
   def of(cls, config, check: bool = True) -> 'Spec':
@@ -356,12 +356,21 @@ class Spec:
       lora = LoraConfig.from_dict(config.get('lora'))
     except ValueError as e:
       raise ConfigError(str(e)) from None
-    spec = cls(**sections, lora=lora, model=ml_collections.FrozenConfigDict(config.get('model', {})),
-               data=ml_collections.FrozenConfigDict(config.get('data', {})),
+    config = ml_collections.ConfigDict(config)  # the spec's own copy: later changes do not reach it
+    config.lock()
+    spec = cls(**sections, lora=lora, model=config.get('model', ml_collections.ConfigDict()),
+               data=config.get('data', ml_collections.ConfigDict()),
                init_from=str(config.get('init_from', '') or ''), config=config)
     if check:
       raise_problems(spec.problems())
     return spec
+
+  def get(self, key: str, default=None):
+    return getattr(self, key, default)
+
+  def to_json_best_effort(self, **kwargs) -> str:
+    """The config as the user gave it (config.json)."""
+    return self.config.to_json_best_effort(**kwargs)
 
   def problems(self) -> list[str]:
     """Every problem of the sections' values, and between sections, that the config alone shows."""
