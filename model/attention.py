@@ -51,6 +51,33 @@ def xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset=0):
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
+def decode_attention(q, cached_keys, cached_values, k, v, cached_mask, new_mask):
+  """Decoding: the queries [B, T, N, H] of a call's tokens attend to the key/value cache, keys
+  [B, K, H, S] (slots last: a query's scores are a vector-matrix product over contiguous rows) and
+  values [B, K, S, H], as `cached_mask` [B, T, S] says (None: the cache is empty), and to the call's
+  own keys and values [B, T, K, H], not in the cache yet, as `new_mask` [B, T, T] says. One softmax
+  over both, in float32.
+  """
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
+  scale = h ** -0.5
+  new = jnp.einsum('BKGTH,BKUH->BKGTU', q, k, preferred_element_type=jnp.float32)
+  logits = jnp.where(new_mask[:, None, None], new * scale, _MASK_VALUE)
+  slots = 0
+  if cached_mask is not None:
+    slots = cached_keys.shape[-1]
+    cached = jnp.einsum('BKGTH,BKHS->BKGTS', q, cached_keys, preferred_element_type=jnp.float32)
+    logits = jnp.concatenate([jnp.where(cached_mask[:, None, None], cached * scale, _MASK_VALUE),
+                              logits], axis=-1)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum('BKGTU,BKUH->BKGTH', probs[..., slots:], v)
+  if cached_mask is not None:
+    out = out + jnp.einsum('BKGTS,BKSH->BKGTH', probs[..., :slots], cached_values)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
 # ---------------------------------------------------------------------------------------------------
 # chunked: causal block skipping and a recomputing backward pass, in plain XLA.
 

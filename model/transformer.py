@@ -8,6 +8,7 @@ and activations are constrained to logical axes at block boundaries.
 """
 
 import functools
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -184,16 +185,34 @@ def apply_rope(x, positions, inv_freq):
   return rotated.astype(x.dtype)
 
 
+class DecodeStep(NamedTuple):
+  """Decoding: the masks of model/attention.py's `decode_attention` that every layer of one call
+  shares: which cache slots [B, T, S] (None: the call made the cache, empty) and which of the call's
+  own tokens [B, T, T] each of the call's tokens attends to."""
+  cached_mask: jax.Array | None
+  new_mask: jax.Array
+
+
+def _write(cached, new, axis: int, index):
+  """`cached` with `new` written at `index` along `axis`: in place when `cached` is a loop carry and
+  whatever reads it feeds `new` (unordered, XLA would copy the whole cache first)."""
+  start = [0] * cached.ndim
+  start[axis] = index
+  return jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype), start)
+
+
 class Attention(nn.Module):
-  """Grouped-query self-attention. With `decode`, keys and values are appended to a cache
-  (collection 'cache') and queries attend to everything cached so far."""
+  """Grouped-query self-attention. With `decode`, the queries attend to the layer's key/value `cache`
+  (keys [B, K, H, S], values [B, K, S, H]) and to the call's own tokens as `step` says, and the call
+  returns (output, (its keys [B, K, H, T], its values [B, K, T, H])) for the caller to write into the
+  cache after the layer has read it."""
   config: ModelConfig
   decode: bool = False
   lora: LoraConfig = LoraConfig()
   use_adapters: bool = True
 
   @nn.compact
-  def __call__(self, x, segment_ids, positions):
+  def __call__(self, x, segment_ids, positions, step: DecodeStep | None = None, cache=None):
     cfg = self.config
     d, n, k, h = cfg.embed_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     dtype = jnp.dtype(cfg.dtype)
@@ -215,34 +234,21 @@ class Attention(nn.Module):
     inv_freq = rope_inverse_frequencies(cfg)
     q, k_ = apply_rope(q, positions, inv_freq), apply_rope(k_, positions, inv_freq)
     if self.decode:
-      q_offset, k_, v, kv_segment_ids = self._update_cache(k_, v, segment_ids)
-      out = attention_lib.xla_attention(q, k_, v, segment_ids, kv_segment_ids, q_offset)
+      out = attention_lib.decode_attention(q, *cache, k_, v, step.cached_mask, step.new_mask)
+      # + 0 * out: what is written then depends on the reads of the cache, so that XLA orders the
+      # write after them and updates the cache in place.
+      tie = 0 * out[:, :, :1, :1]
+      new = ((k_ + tie).transpose(0, 2, 3, 1), (v + tie).transpose(0, 2, 1, 3))  # the cache's layouts
     else:
       out = attention_lib.get(cfg.attention, dtype)(q, k_, v, segment_ids, segment_ids)
     out = _constrain(checkpoint_name(out, 'attention_out'), ('batch', 'length', 'act_heads', 'head_dim'))
-    out = _project(self, 'o_proj', 'XNH,NHD->XD', out, (n, h, d), ('heads', 'head_dim', 'embed'))
-    return checkpoint_name(out, 'attention_proj')
-
-  def _update_cache(self, k, v, segment_ids):
-    """Writes this call's keys/values at the cache index; returns the whole cache.
-
-    The cache is sized by the first call (see model/generate.py: `init_cache`). Empty slots carry
-    segment id 0, so real tokens never attend to them.
-    """
-    b, t = segment_ids.shape
-    cached_k = self.variable('cache', 'key', jnp.zeros, k.shape, k.dtype)
-    cached_v = self.variable('cache', 'value', jnp.zeros, v.shape, v.dtype)
-    cached_segments = self.variable('cache', 'segment_ids', jnp.zeros, segment_ids.shape, jnp.int32)
-    index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
-    if self.is_initializing():
-      return 0, k, v, segment_ids
-    i = index.value
-    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, i, 0, 0))
-    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, i, 0, 0))
-    cached_segments.value = jax.lax.dynamic_update_slice(
-        cached_segments.value, segment_ids.astype(jnp.int32), (0, i))
-    index.value = i + t
-    return i, cached_k.value, cached_v.value, cached_segments.value
+    # jnp.einsum contracts shared letters in alphabetical order: for N, H that is against the weight's
+    # layout, and XLA transposes the weight (and the activation) to match, which decoding, reading
+    # every weight every step, cannot afford. 'A' sorts first.
+    subscripts = 'XAH,AHD->XD' if self.decode else 'XNH,NHD->XD'
+    out = _project(self, 'o_proj', subscripts, out, (n, h, d), ('heads', 'head_dim', 'embed'))
+    out = checkpoint_name(out, 'attention_proj')
+    return (out, new) if self.decode else out
 
 
 class Mlp(nn.Module):
@@ -261,27 +267,34 @@ class Mlp(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm block. Returns (x, None) so that it can be the body of `nn.scan`."""
+  """Pre-norm block. Returns (x, None) so that it can be the body of `nn.scan`; with `decode`,
+  (x, what to cache) of the layer's `cache` and the call's `step` (see Attention)."""
   config: ModelConfig
   decode: bool = False
   lora: LoraConfig = LoraConfig()
   use_adapters: bool = True
 
   @nn.compact
-  def __call__(self, x, segment_ids, positions):
+  def __call__(self, x, segment_ids, positions, step: DecodeStep | None = None, cache=None):
     cfg = self.config
     norm = functools.partial(RMSNorm, cfg.norm_eps, cfg.dtype, cfg.param_dtype)
     x = _constrain(x, ('batch', 'length', 'act_embed'))
     attn = Attention(cfg, self.decode, self.lora, self.use_adapters, name='attn')
-    x = x + attn(norm(name='attn_norm')(x), segment_ids, positions)
+    if self.decode:
+      out, cache = attn(norm(name='attn_norm')(x), segment_ids, positions, step, cache)
+    else:
+      out = attn(norm(name='attn_norm')(x), segment_ids, positions)
+    x = x + out
     x = x + Mlp(cfg, self.lora, self.use_adapters, name='mlp')(norm(name='mlp_norm')(x))
-    return _constrain(x, ('batch', 'length', 'act_embed')), None
+    return _constrain(x, ('batch', 'length', 'act_embed')), cache
 
 
 class Transformer(nn.Module):
   """tokens [B, T] (+ segment_ids, positions for packed rows) -> logits [B, T, V] in float32.
 
-  With `decode=True` the same parameters run incrementally over a key/value cache (generation).
+  With `decode=True` the same parameters run incrementally over a key/value cache (generation): the
+  collection 'cache' (see `init_cache`), made empty by the call that initialises the model and sized
+  by it, unless given; each call appends its tokens at the cache's `index`.
   With `lora` (model/lora.py), the projections carry low-rank adapters over a frozen, possibly
   quantized base; `use_adapters=False` runs the same parameters as the base alone (adapters off, no
   second copy of any weight: e.g. the reference model of preference tuning).
@@ -307,8 +320,9 @@ class Transformer(nn.Module):
       layer = nn.remat(layer, policy=remat.POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       self.layers = nn.scan(
-          layer, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True, 'dropout': True},
-          in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+          layer, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+          in_axes=(nn.broadcast, nn.broadcast) + ((nn.broadcast, 0) if self.decode else ()),
+          length=cfg.n_layers,
           metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, self.decode, self.lora, self.use_adapters,
                                                          name='layers')
     else:
@@ -328,7 +342,9 @@ class Transformer(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = _embed(self.token_embed, tokens, jnp.dtype(cfg.dtype))
     x = _constrain(x, ('batch', 'length', 'act_embed'))
-    if cfg.scan_layers:
+    if self.decode:
+      x = self._decode_layers(x, segment_ids, positions)
+    elif cfg.scan_layers:
       x, _ = self.layers(x, segment_ids, positions)
     else:
       for layer in self.layers:
@@ -347,6 +363,80 @@ class Transformer(nn.Module):
       w = _shard_gradient(self.unembed, ('embed', 'vocab')).astype(dtype)
     logits = _unembed(hidden.astype(dtype), w)
     return _constrain(logits, ('batch', 'length', 'act_vocab'))
+
+  def _decode_layers(self, x, segment_ids, positions):
+    """The layers over the 'cache' collection, this call's keys and values written into it."""
+    cfg = self.config
+    b, t = segment_ids.shape
+    fresh = not self.has_variable('cache', 'index')
+    if fresh:  # sized by this call, and nothing in it to attend to
+      for name, value in init_cache(cfg, b, t).items():
+        self.put_variable('cache', name, value)
+    cache = {name: self.get_variable('cache', name) for name in ('key', 'value', 'segment_ids', 'index')}
+    index = cache['index']
+    segment_ids = segment_ids.astype(jnp.int32)
+    # Written first, then read: in place.
+    cached_segments = _write(cache['segment_ids'], segment_ids, 1, index)
+    step = DecodeStep(
+        None if fresh else ((segment_ids[:, :, None] == cached_segments[:, None, :])
+                            & (jnp.arange(cached_segments.shape[1]) < index)),
+        (segment_ids[:, :, None] == segment_ids[:, None, :]) & np.tril(np.ones((t, t), bool)))
+    if cfg.scan_layers:
+      x, (k, v) = self.layers(x, segment_ids, positions, step, (cache['key'], cache['value']))
+      keys, values = _write(cache['key'], k, 4, index), _write(cache['value'], v, 3, index)
+    else:
+      keys, values = [], []
+      for layer, cached_k, cached_v in zip(self.layers, cache['key'], cache['value']):
+        x, (k, v) = layer(x, segment_ids, positions, step, (cached_k, cached_v))
+        keys.append(_write(cached_k, k, 3, index))
+        values.append(_write(cached_v, v, 2, index))
+      keys, values = tuple(keys), tuple(values)
+    if not self.is_initializing():  # initialising leaves the cache empty
+      lead = (None,) if cfg.scan_layers else ()
+      constrain = lambda tree, axes: jax.tree.map(lambda x: _constrain(x, lead + axes), tree)
+      self.put_variable('cache', 'key', constrain(keys, ('batch', 'act_kv_heads', 'head_dim', None)))
+      self.put_variable('cache', 'value', constrain(values, ('batch', 'act_kv_heads', None, 'head_dim')))
+      self.put_variable('cache', 'segment_ids', cached_segments)
+      self.put_variable('cache', 'index', index + t)
+    return x
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
+  """An empty key/value cache of `length` slots per row, for `Transformer(cfg, decode=True)`.
+
+  `key` [B, K, H, S] and `value` [B, K, S, H] in the compute dtype, per layer: stacked on a leading
+  layers axis under the layer scan, else a tuple of one array per layer (on a CPU a slice of a
+  stacked array read by a matmul is copied first, every step). `segment_ids` [B, S]: each slot's
+  segment, 0 for an empty slot or padding, which no real token attends to. `index`: the next free
+  slot.
+  """
+  dtype = jnp.dtype(cfg.dtype)
+  k_shape = (batch, cfg.n_kv_heads, cfg.head_dim, length)
+  v_shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+  if cfg.scan_layers:
+    keys = jnp.zeros((cfg.n_layers,) + k_shape, dtype)
+    values = jnp.zeros((cfg.n_layers,) + v_shape, dtype)
+  else:
+    keys = tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.n_layers))
+    values = tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.n_layers))
+  return {'key': keys, 'value': values, 'segment_ids': jnp.zeros((batch, length), jnp.int32),
+          'index': jnp.zeros((), jnp.int32)}
+
+
+def grow_cache(cache: dict, length: int) -> dict:
+  """The cache with empty slots appended up to `length` (a copy: once per growth, not per step)."""
+  extra = length - cache['segment_ids'].shape[1]
+  if extra < 0:
+    raise ValueError(f'cannot shrink a cache of {cache["segment_ids"].shape[1]} slots to {length}')
+
+  def pad(x, axis):
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+  return {'key': jax.tree.map(lambda x: pad(x, x.ndim - 1), cache['key']),
+          'value': jax.tree.map(lambda x: pad(x, x.ndim - 2), cache['value']),
+          'segment_ids': pad(cache['segment_ids'], 1), 'index': cache['index']}
 
 
 def init_params(cfg: ModelConfig, rng, lora: LoraConfig = LoraConfig()):

@@ -5,7 +5,8 @@ whether they fit in HBM.
 
 When the config file has an SFT variant (`get_config('...,sft')`, e.g. configs/llama2_7b.py), its step
 is compiled too, with the same command-line overrides; a preference-tuning config (option `dpo`, e.g.
-`configs/llama3_8b.py:v5p-8,dpo`) compiles its DPO step alone. Per chip, the compiler's memory figures
+`configs/llama3_8b.py:v5p-8,dpo`) compiles its DPO step alone, a reinforcement-learning one (`,grpo`) its
+train step and its rollout program (sampling from the parameters on the same chips). Per chip, the compiler's memory figures
 (arguments, outputs, temporaries) are printed against the chip's HBM (train/topology.py); a step that
 does not fit exits with status 1 and a message naming the settings to change.
 """
@@ -38,10 +39,14 @@ def main(argv):
     sft_config.update_from_flattened_dict(overrides)
     configs.append(('SFT step', sft, sft_config))
 
+  if config_flag.value.train.get('objective', 'lm') == 'grpo':
+    configs.append(('GRPO rollout', path, config_flag.value))
+
   failed = False
   for name, source, config in configs:
     print(f'Compiling the {name} of {source} for {slice_.name} ...', flush=True)
-    report = topology.compile_step(config, slice_, name)
+    report = (topology.compile_rollout(config, slice_) if name == 'GRPO rollout' else
+              topology.compile_step(config, slice_, name))
     print(report.summary(), flush=True)
     if not report.fits:
       failed = True

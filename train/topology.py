@@ -18,10 +18,13 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from data.config import SFT_FORMATS
 from model import attention as attention_lib
+from model import sharding
+from model.inference.sampler import Sampler, SamplingConfig
 from train import chips
 from train.run import Run
 
@@ -178,6 +181,39 @@ def compile_step(config: Any, topology: Topology, name: str = 'train step') -> R
                       f'{lora.base_dtype or cfg.param_dtype} base' if lora.enabled else ''))
 
 
+def compile_rollout(config: Any, topology: Topology) -> Report:
+  """Lowers and compiles train.grpo's rollout program (prefill and decoding of train.batch_size
+  completions of grpo.max_completion_len tokens after prompts of grpo.max_prompt_len) for `topology`.
+  The train state stays on the chips while it runs, so the report counts it as resident beside the
+  program's own buffers."""
+  run = Run(config, topology.devices())
+  state, grpo, tcfg = run.abstract_state(), config.grpo, config.train
+  sampler = Sampler(run.model_config, run.mesh, sharding.LOGICAL_AXIS_RULES, run.lora)
+  shape = (tcfg.batch_size, -(-grpo.max_prompt_len // 16) * 16)  # train.grpo's padded prompts
+  prompts = tuple(jax.ShapeDtypeStruct(shape, jnp.int32, sharding=run.batch_sharding) for _ in range(2))
+  sampling = SamplingConfig(max_new_tokens=grpo.max_completion_len, temperature=grpo.temperature,
+                            top_k=grpo.top_k, top_p=grpo.top_p, logprobs_temperature=grpo.temperature)
+  cfg, start, error = run.model_config, time.perf_counter(), ''
+  try:
+    compiled = sampler.lower(state.model_params, prompts, sampling, stop_ids=(0,)).compile()
+    mem = compiled.memory_analysis()
+    sizes = (_shard_bytes(state), mem.output_size_in_bytes, 0, mem.temp_size_in_bytes,
+             mem.generated_code_size_in_bytes)
+  except jax.errors.JaxRuntimeError as e:
+    if 'RESOURCE_EXHAUSTED' not in str(e) and 'out of memory' not in str(e).lower():
+      raise
+    error = str(e).strip().splitlines()[0][:2000]
+    sizes = (0, 0, 0, 0, 0)
+  lora = run.lora
+  return Report('GRPO rollout', topology, dict(run.mesh.shape), tcfg.batch_size,
+                shape[1] + grpo.max_completion_len, cfg.remat_policy, 'decode', cfg.param_dtype,
+                config.optimizer.get('state_dtype', '') or ('float32' if lora.enabled else cfg.param_dtype),
+                *sizes, state=_shard_bytes(state), compile_s=time.perf_counter() - start, error=error,
+                trainable=sum(x.size for x in jax.tree.leaves(state.params)),
+                lora=(f'LoRA rank {lora.rank} on {lora.targets} over a frozen '
+                      f'{lora.base_dtype or cfg.param_dtype} base' if lora.enabled else ''))
+
+
 def advice(report: Report, config: Any) -> str:
   """What to change when a step does not fit, most effective first."""
   cfg, tcfg, hbm = config.model, config.train, report.hbm
@@ -245,4 +281,7 @@ def step_name(config) -> str:
   if config.train.get('objective', 'lm') == 'dpo':
     where = 'precomputed' if config.dpo.reference == 'precompute' else 'in the step'
     return f'DPO step ({config.dpo.loss} loss, reference log-probabilities {where})'
+  objective = config.train.get('objective', 'lm')
+  if objective == 'grpo':
+    return 'GRPO train step'
   return 'SFT step' if config.data.format in SFT_FORMATS else 'pretraining step'
