@@ -204,7 +204,7 @@ class Trainer:
     self.state = self.state.replace(reference=checkpoint_lib.load_reference(
         self.ckpt.reference, self.run, f'{self.ckpt.directory}/{self.resumed_from}'))
 
-  # -- the hooks ----------------------------------------------------------------------------------
+  # -- pieces of a step ---------------------------------------------------------------------------
 
   def _default_hooks(self) -> list[hooks_lib.Hook]:
     """The hooks every run has, in the order they run after a step (train/hooks.py says why)."""
