@@ -46,8 +46,6 @@ from train import reference_pass
 from train import start as start_lib
 from train import workdir as workdir_lib
 from train.chips import peak_tflops
-# Raised by the non-finite guard; callers know it as loop.TrainingDiverged.
-from train.hooks import TrainingDiverged  # pylint: disable=unused-import
 from train.run import Run
 from train.spec import Spec
 
@@ -83,6 +81,9 @@ def _equalize_eval_batches(batches):
       raise ValueError('This host has no eval data while others do; give every host some eval data')
     batches = batches + [empty_like(batches[0])] * (count - len(batches))
   return batches
+
+
+TrainingDiverged = hooks_lib.TrainingDiverged  # raised by the non-finite guard; callers catch it here
 
 
 class Trainer:
