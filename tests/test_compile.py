@@ -144,6 +144,25 @@ def test_dpo_step_compiles_with_the_reference_in_the_state():
   assert (dpo.train.objective, dpo.data.format, dpo.lora.rank) == ('dpo', 'preference', 16)
 
 
+@pytest.mark.slow
+def test_grpo_train_step_and_rollout_compile_for_a_slice():
+  """train.grpo's two programs compile for TPU: the policy-gradient step (with the KL's reference in
+  the state) and the rollout, whose report counts the train state resident beside the sampler."""
+  config = compile_lib.load_config('configs/grpo_tiny.py')
+  config.init_from = ''
+  config.grpo.beta = 0.04
+  config.model.attention = 'chunked'  # splash wants 128-multiple lengths; the demo's prompts are 48
+  slice_ = compile_lib.parse_topology('v5e-4')
+  step = compile_lib.compile_step(config, slice_, compile_lib.step_name(config))
+  assert step.fits and step.summary().startswith('GRPO train step'), step.summary()
+  assert step.state == pytest.approx(4 * 4 * 1_311_872 / 4, rel=0.01)  # params, 2 moments, reference
+  rollout = compile_lib.compile_rollout(config, slice_)
+  assert rollout.fits and rollout.name == 'GRPO rollout', rollout.summary()
+  assert rollout.argument == step.state and rollout.temp > 0
+  grpo = compile_lib.load_config('configs/llama3_8b.py:v6e-1,grpo,lora')
+  assert (grpo.train.objective, grpo.train.batch_size % grpo.grpo.num_generations) == ('grpo', 0)
+
+
 def test_every_config_file_and_slice_loads_and_validates():
   """Each configs/*.py (and each of its slice and 'sft' options) builds a valid model and passes the
   checks the training loop makes, on the chips of its slice (one device for the others)."""
@@ -158,10 +177,10 @@ def test_every_config_file_and_slice_loads_and_validates():
     slices = getattr(compile_lib._config_module(path), 'SLICES', {})  # pylint: disable=protected-access
     variants = [(path, 4 if slices else 1)]  # the slice configs default to v5p-8: 4 chips
     variants += [(f'{path}:{o}', compile_lib.parse_topology(s).num_chips)
-                 for s in slices for o in (s, f'{s},sft', f'{s},dpo')]
+                 for s in slices for o in (s, f'{s},sft', f'{s},dpo', f'{s},grpo')]
     if slices:  # the 7-8B configs: LoRA and QLoRA slices too
       variants += [(f'{path}:{s},{o},lora', compile_lib.parse_topology(s).num_chips)
-                   for s in scale.LORA_SLICES for o in ('sft', 'dpo')]
+                   for s in scale.LORA_SLICES for o in ('sft', 'dpo', 'grpo')]
     for variant, chips in variants:
       config = compile_lib.load_config(variant)
       validate.check(config, ModelConfig.from_dict(config.model), chips,
