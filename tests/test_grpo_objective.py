@@ -26,7 +26,8 @@ import numpy as np
 import optax
 import pytest
 
-from model import ModelConfig, Transformer, hf, init_params
+from model import ModelConfig, Transformer, init_params
+from model.weights import hf
 from train import policy_gradient as pg
 from train import step as step_lib
 from train.state import TrainState
