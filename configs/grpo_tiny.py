@@ -17,7 +17,7 @@ def get_config():
   c.train.seq_len = 64
   c.train.eval_every = 50
   c.train.log_every = 10
-  c.optimizer.lr = 1e-4
+  c.optimizer.lr = 2e-5
   c.optimizer.warmup_steps = 10
   c.optimizer.weight_decay = 0.0
   c.checkpoint.every_steps = 50
