@@ -141,18 +141,23 @@ def test_lora_samples_from_the_one_copy_of_the_base(files, start, tmp_path, monk
     seen.append(params)
     return original(self, params, *args, **kwargs)
   monkeypatch.setattr(sampler_lib.Sampler, 'sample', sample)
-  trainers = []
+  trainers, bases = [], []
   monkeypatch.setattr(grpo.GrpoTrainer, 'fit', lambda self: trainers.append(self) or
                       loop.Trainer.fit(self))
+  rollout = grpo.GrpoTrainer.rollout
+
+  def recording_rollout(self, index):
+    bases.append({id(x) for x in jax.tree.leaves(self.state.frozen)})  # the base as the rollout starts
+    return rollout(self, index)
+  monkeypatch.setattr(grpo.GrpoTrainer, 'rollout', recording_rollout)
   c = _config(files, start, beta=0.1)
   c.lora.update(dict(rank=4, targets='q,v'))
   c.train.steps = 2
   grpo.train(c, str(tmp_path / 'lora'))
-  state = trainers[0].state
-  base = {id(x) for x in jax.tree.leaves(state.frozen)}
-  sampled = {id(x) for x in jax.tree.leaves(seen[-1])}
-  assert base <= sampled  # the base's arrays themselves, not a copy
-  assert state.reference is None  # the reference is the base with adapters off: no second copy
+  # The sampler reads the state's base arrays themselves, not a copy (the train step returns new array
+  # objects each step, so the comparison is with the base of the same rollout).
+  assert len(bases) == len(seen) == 2 and bases[-1] <= {id(x) for x in jax.tree.leaves(seen[-1])}
+  assert trainers[0].state.reference is None  # the reference is the base with adapters off
 
 
 def test_a_failing_reward_function_fails_before_anything_is_written(files, start, tmp_path, monkeypatch):
